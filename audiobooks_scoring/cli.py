@@ -1,0 +1,420 @@
+"""The `audiobooks-scoring` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table as RichTable
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+app = typer.Typer(no_args_is_help=True, help="Score audiobook customers' chance to buy again.")
+models_app = typer.Typer(no_args_is_help=True, help="List, inspect, promote and roll back models.")
+app.add_typer(models_app, name="models")
+console = Console()
+logger = logging.getLogger("audiobooks_scoring")
+
+AsOf = Annotated[
+    str | None, typer.Option("--as-of", help="Scoring/training date YYYY-MM-DD (default: today).")
+]
+
+
+def _date(value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date in YYYY-MM-DD form") from None
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from audiobooks_scoring.settings import load_settings
+
+    try:
+        return load_settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+            for e in error.errors()
+        )
+        console.print(f"[red]invalid settings[/red]: {problems}")
+        raise typer.Exit(2) from None
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Nightly scoring of the audiobook customer base, published to the warehouse."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+    for noisy in ("httpx", "prefect.server", "alembic", "uvicorn", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def init() -> None:
+    """Create the warehouse tables and marketing views if they are missing."""
+    from audiobooks_scoring.warehouse import init_warehouse
+
+    settings = _settings()
+    warehouse = init_warehouse(settings)
+    console.print(f"warehouse ready: {settings.warehouse_url_safe}")
+    for table in warehouse.tables.metadata.sorted_tables:
+        console.print(f"  {table.name}")
+
+
+@app.command("load-csv")
+def load_csv(
+    path: Path,
+    window_end: Annotated[
+        str | None, typer.Option(help="window_end of these examples (default: today).")
+    ] = None,
+) -> None:
+    """Load a CSV in the public Audiobooks format (with or without header) as training examples."""
+    from audiobooks_scoring.csv_loading import CsvFormatError
+    from audiobooks_scoring.loading import load_csv as load
+    from audiobooks_scoring.warehouse import init_warehouse
+
+    warehouse = init_warehouse(_settings())
+    try:
+        rows = load(warehouse, path, _date(window_end) or date.today())
+    except (CsvFormatError, FileNotFoundError) as error:
+        console.print(f"[red]not loaded[/red]: {error}")
+        raise typer.Exit(1) from None
+    console.print(f"loaded {rows} training examples from {path}")
+
+
+@app.command("demo-data")
+def demo_data(
+    customers: Annotated[int, typer.Option(min=1)] = 20_000,
+    seed: int = 7,
+    as_of: AsOf = None,
+) -> None:
+    """Fill both input tables with synthetic customers that look like the real data set."""
+    from audiobooks_scoring.loading import load_demo_data
+    from audiobooks_scoring.warehouse import init_warehouse
+
+    settings = _settings()
+    warehouse = init_warehouse(settings)
+    result = load_demo_data(
+        warehouse, customers, seed, _date(as_of) or date.today(), settings.chunk_size
+    )
+    console.print(
+        f"demo data: {result.training_rows} training examples, "
+        f"{result.activity_rows} customers to score"
+    )
+
+
+@app.command()
+def train(
+    as_of: AsOf = None,
+    recipe: Annotated[str | None, typer.Option(help="default or seeds")] = None,
+    seed: int | None = None,
+    force: Annotated[bool, typer.Option(help="Promote even if not better.")] = False,
+) -> None:
+    """Run the retrain-model flow: train a challenger and promote it if it is not worse."""
+    from flows.retrain_model import retrain_model
+
+    _settings()
+    version = retrain_model(as_of=_date(as_of), recipe=recipe, seed=seed, force=force)
+    _print_versions()
+    console.print(f"trained model {version}")
+
+
+@app.command()
+def evaluate(
+    csv: Annotated[Path | None, typer.Option(help="Labeled CSV (public format).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "1,2,3,4,5",
+    recipes: Annotated[str, typer.Option(help="Comma-separated recipes.")] = "default,seeds,logistic",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Compare recipes by repeated stratified holdout on a CSV or the training source."""
+    from audiobooks_scoring.evaluation import run_evaluation_protocol, summarize_protocol
+
+    settings = _settings()
+    if csv is not None:
+        from audiobooks_scoring.csv_loading import read_audiobooks_csv
+        from audiobooks_scoring.lifecycle import training_data_from_frame
+
+        data = training_data_from_frame(read_audiobooks_csv(csv, date.today()))
+    else:
+        from audiobooks_scoring.lifecycle import read_training_data
+        from audiobooks_scoring.warehouse import init_warehouse
+
+        warehouse = init_warehouse(settings)
+        data = read_training_data(
+            warehouse.engine, warehouse.tables, date.today(), settings.chunk_size
+        )
+    seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    result = run_evaluation_protocol(
+        data.features, data.labels, seed_list, [r.strip() for r in recipes.split(",")]
+    )
+    summary = summarize_protocol(result)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    table = RichTable(title=f"Repeated holdout, {len(seed_list)} seeds, {len(data.labels)} rows")
+    for column in ("recipe", "auc", "balanced_accuracy", "brier", "lift_top_decile"):
+        table.add_column(column)
+    for name, metrics in summary["recipes"].items():
+        stds = result["recipes"][name].get("std", {}) if "recipes" in result else {}
+        table.add_row(
+            name,
+            *[
+                _mean_std(metrics.get(key), (stds or {}).get(key))
+                for key in ("auc", "balanced_accuracy", "brier", "lift_top_decile")
+            ],
+        )
+    console.print(table)
+
+
+def _mean_std(mean, std) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" + (f" ± {std:.4f}" if isinstance(std, float) else "")
+
+
+def _print_versions() -> None:
+    from audiobooks_scoring.model_store import ModelStore
+
+    store = ModelStore(_settings().model_store_path)
+    table = RichTable(title=f"Models in {store.root}")
+    for column in ("version", "status", "created", "auc", "brier", "balanced acc."):
+        table.add_column(column)
+    for info in store.list_versions():
+        m = info.metrics
+        table.add_row(
+            info.version,
+            info.status or "-",
+            info.created_at[:19],
+            *[f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in ("auc", "brier",
+                                                                        "balanced_accuracy")],
+        )
+    console.print(table)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List stored model versions, newest first, with status and holdout metrics."""
+    _print_versions()
+
+
+@models_app.command("show")
+def models_show(version: str) -> None:
+    """Show a version's metadata: metrics, importance, training data, libraries."""
+    from audiobooks_scoring.model_store import ModelStore, ModelStoreError
+
+    store = ModelStore(_settings().model_store_path)
+    try:
+        metadata = store.read_metadata(version)
+        store.verify_version(version)
+    except ModelStoreError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    metadata = {k: v for k, v in metadata.items() if k != "training_profile"}
+    metadata["status"] = store.status_of(version)
+    console.print_json(json.dumps(metadata, default=str))
+
+
+@models_app.command("promote")
+def models_promote(
+    version: str, reason: Annotated[str, typer.Option()] = "promoted by hand"
+) -> None:
+    """Make a version the champion (the current one is retired)."""
+    _change_champion(lambda store: store.promote(version, reason) or version)
+
+
+@models_app.command("rollback")
+def models_rollback(reason: Annotated[str, typer.Option()] = "rolled back by hand") -> None:
+    """Restore the previous champion."""
+    _change_champion(lambda store: store.rollback(reason))
+
+
+def _change_champion(change) -> None:
+    from audiobooks_scoring.lifecycle import mirror_model_versions
+    from audiobooks_scoring.model_store import ModelStore, ModelStoreError
+    from audiobooks_scoring.warehouse import init_warehouse
+
+    settings = _settings()
+    store = ModelStore(settings.model_store_path)
+    try:
+        version = change(store)
+    except ModelStoreError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    warehouse = init_warehouse(settings)
+    mirror_model_versions(warehouse.engine, warehouse.tables, store)
+    console.print(f"champion is now {version}")
+
+
+@app.command()
+def score(
+    as_of: AsOf = None,
+    run_id: Annotated[str | None, typer.Option(help="Default: score-<as-of>.")] = None,
+    backfill: Annotated[
+        bool, typer.Option(help="Write history only; leave the current list alone.")
+    ] = False,
+) -> None:
+    """Run the score-customers flow: score everyone and publish the ranked target list."""
+    from flows.score_customers import score_customers
+
+    _settings()
+    outcome = score_customers(as_of=_date(as_of), run_id=run_id, publish=not backfill)
+    _print_outcome(outcome)
+
+
+def _print_outcome(outcome) -> None:
+    if isinstance(outcome, dict):
+        console.print_json(json.dumps(outcome, default=str))
+        return
+    message = getattr(outcome, "message", None) or str(outcome)
+    console.print(f"[yellow]{message}[/yellow]")
+    raise typer.Exit(3)
+
+
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option(min=1000)] = 20_000,
+    top: Annotated[int, typer.Option(min=1)] = 10,
+) -> None:
+    """Run the whole job on the configured warehouse: tables, demo data, model, scores."""
+    from audiobooks_scoring.loading import input_row_counts, load_demo_data
+    from audiobooks_scoring.model_store import ModelStore
+    from audiobooks_scoring.warehouse import init_warehouse
+    from flows.retrain_model import retrain_model
+    from flows.score_customers import score_customers
+
+    settings = _settings()
+    warehouse = init_warehouse(settings)
+    console.rule(f"warehouse {settings.warehouse_url_safe}")
+    counts = input_row_counts(warehouse)
+    if counts.training_rows == 0 or counts.activity_rows == 0:
+        result = load_demo_data(warehouse, customers, 7, date.today(), settings.chunk_size)
+        console.print(
+            f"loaded demo data: {result.training_rows} training examples, "
+            f"{result.activity_rows} customers to score"
+        )
+    else:
+        console.print(
+            f"input tables already filled: {counts.training_rows} training examples, "
+            f"{counts.activity_rows} activity rows"
+        )
+    if ModelStore(settings.model_store_path).champion() is None:
+        console.rule("training the first model")
+        retrain_model()
+    console.rule("scoring")
+    outcome = score_customers()
+    if not isinstance(outcome, dict):
+        _print_outcome(outcome)
+    _print_top(warehouse, top)
+    console.print(
+        f"\nrun {outcome['run_id']}: {outcome['rows_in']} customers in, "
+        f"{outcome['rows_scored']} scored, {outcome['rows_rejected']} rejected, "
+        f"{outcome.get('targets')} targets; model {outcome['model_version']}"
+    )
+    console.print(
+        f"target list: table [bold]{warehouse.tables.scores.name}[/bold] and view "
+        f"[bold]campaign_targets[/bold] in {settings.warehouse_url_safe}"
+    )
+    console.print(f"report: {outcome.get('report_path')}")
+
+
+def _print_top(warehouse, top: int) -> None:
+    from sqlalchemy import select
+
+    from audiobooks_scoring.warehouse import read_frame
+
+    scores = warehouse.tables.scores
+    frame = read_frame(
+        warehouse.engine,
+        select(
+            scores.c.rank,
+            scores.c.customer_id,
+            scores.c.probability,
+            scores.c.decile,
+            scores.c.is_target,
+            scores.c.holdout,
+            scores.c.reasons,
+        )
+        .order_by(scores.c.rank)
+        .limit(top),
+    )
+    table = RichTable(title=f"Top {top} of {scores.name}")
+    for column in frame.columns:
+        table.add_column(column)
+    for row in frame.itertuples(index=False):
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+@app.command()
+def runs(
+    limit: Annotated[int, typer.Option(min=1)] = 10,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List recent scoring runs from the run ledger."""
+    from sqlalchemy import select
+
+    from audiobooks_scoring.warehouse import init_warehouse, read_frame
+
+    warehouse = init_warehouse(_settings())
+    ledger = warehouse.tables.runs
+    frame = read_frame(
+        warehouse.engine, select(ledger).order_by(ledger.c.started_at.desc()).limit(limit)
+    )
+    records = json.loads(frame.to_json(orient="records", date_format="iso"))
+    if as_json:
+        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+        return
+    columns = ("run_id", "status", "started_at", "model_version", "rows_in", "rows_scored",
+               "rows_rejected", "targets", "drift_status")
+    table = RichTable(title="Recent scoring runs")
+    for column in columns:
+        table.add_column(column)
+    for record in records:
+        table.add_row(*[str(record.get(c)) for c in columns])
+    console.print(table)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="File to write.")],
+    format: Annotated[str, typer.Option(help="csv or parquet")] = "csv",
+) -> None:
+    """Write the current campaign targets (id, probability, rank, decile, reasons) to a file."""
+    from audiobooks_scoring.exporting import export_targets
+    from audiobooks_scoring.warehouse import init_warehouse
+
+    settings = _settings()
+    if format not in ("csv", "parquet"):
+        raise typer.BadParameter("format must be csv or parquet")
+    rows = export_targets(init_warehouse(settings), out, format, settings.chunk_size)
+    console.print(f"wrote {rows} targets to {out}")
+
+
+@app.command()
+def serve() -> None:
+    """Serve both deployments (nightly scoring, on-demand retrain) from this process."""
+    from deployments.serve import serve_deployments
+
+    serve_deployments()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,352 @@
+"""Scoring: turn population chunks into staged probabilities, holdout flags and reason codes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from sqlalchemy import Engine, delete, text
+
+from audiobooks_scoring.contract import (
+    ACTIVITY_COLUMNS,
+    CUSTOMER_ID,
+    FEATURES,
+    WINDOW_END,
+    check_columns,
+    rejected_frame,
+    validate_chunk,
+)
+from audiobooks_scoring.model import DenseWeights, predict_probability, reason_contributions
+from audiobooks_scoring.monitoring import DriftAccumulator, FeatureProfile
+from audiobooks_scoring.preprocessing import Preprocessing
+from audiobooks_scoring.settings import Settings
+from audiobooks_scoring.warehouse import (
+    WarehouseTables,
+    load_source_sql,
+    qualified_name,
+    query_columns,
+    render_sql,
+    stream_query,
+    write_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+REASON_LABELS: dict[str, str] = {
+    "book_length_avg_min_high": "buys long books",
+    "book_length_avg_min_low": "buys short books",
+    "book_length_total_min_high": "has bought many hours of audio",
+    "book_length_total_min_low": "has bought few hours of audio",
+    "price_avg_high": "pays high prices per book",
+    "price_avg_low": "pays low prices per book",
+    "price_total_high": "has spent a lot in total",
+    "price_total_low": "has spent little in total",
+    "review_high": "left a review",
+    "review_low": "has not left a review",
+    "review_score_high": "rated their books highly",
+    "review_score_low": "rated their books low",
+    "completion_high": "listened to most of what they bought",
+    "completion_low": "listened to little of what they bought",
+    "minutes_listened_high": "listened for many minutes",
+    "minutes_listened_low": "listened for few minutes",
+    "support_requests_high": "contacted support",
+    "support_requests_low": "has not needed support",
+    "last_visit_days_after_purchase_high": "visited long after purchase",
+    "last_visit_days_after_purchase_low": "visited soon after purchase",
+}
+REASON_COUNT = 3
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """What scoring needs from a stored model version: weights, preprocessing, training profile."""
+
+    version: str
+    weights: DenseWeights
+    preprocessing: Preprocessing
+    profile: FeatureProfile | None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """Counts and monitoring figures of one staged population (or one partition of it)."""
+
+    rows_in: int = 0
+    rows_scored: int = 0
+    rows_rejected: int = 0
+    reject_counts: Counter = field(default_factory=Counter)
+    reject_samples: dict[str, str] = field(default_factory=dict)
+    score_sum: float = 0.0
+    model_seconds: float = 0.0
+    drift: DriftAccumulator | None = None
+
+    def merge(self, other: StageResult) -> StageResult:
+        """The sum of two partitions' results."""
+        merged = StageResult(
+            rows_in=self.rows_in + other.rows_in,
+            rows_scored=self.rows_scored + other.rows_scored,
+            rows_rejected=self.rows_rejected + other.rows_rejected,
+            reject_counts=self.reject_counts + other.reject_counts,
+            reject_samples={**other.reject_samples, **self.reject_samples},
+            score_sum=self.score_sum + other.score_sum,
+            model_seconds=self.model_seconds + other.model_seconds,
+            drift=self.drift,
+        )
+        if self.drift is not None and other.drift is not None:
+            merged.drift = self.drift.merged(other.drift)
+        return merged
+
+
+def salt_key(salt: str) -> np.uint64:
+    """A 64-bit key derived from the holdout salt."""
+    return np.uint64(int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "little"))
+
+
+def holdout_mask(customer_ids: np.ndarray, salt: str, share: float) -> np.ndarray:
+    """Whether each customer is in the holdout group: a salted splitmix64 hash below `share`."""
+    with np.errstate(over="ignore"):
+        z = customer_ids.astype(np.int64).view(np.uint64) ^ salt_key(salt)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
+
+
+def reason_codes(contributions: np.ndarray, raw: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    """The codes of the (up to) three features that raise each row's score most, else None."""
+    order = np.argsort(-contributions, axis=1, kind="stable")[:, :REASON_COUNT]
+    rows = np.arange(len(contributions))[:, None]
+    chosen = contributions[rows, order]
+    above = raw[rows, order] > medians[order]
+    names = np.array(FEATURES, dtype=object)
+    codes = np.where(above, names[order] + "_high", names[order] + "_low").astype(object)
+    codes[chosen <= 0] = None
+    return codes
+
+
+def score_features(model: ScoringModel, raw: np.ndarray, batch_size: int) -> tuple:
+    """Probabilities and reason codes (n x 3) for raw feature rows in FEATURES order."""
+    scaled = model.preprocessing.transform(raw)
+    probability = predict_probability(model.weights, scaled, batch_size=batch_size)
+    medians = np.asarray(model.preprocessing.medians, dtype=np.float64)
+    medians_scaled = model.preprocessing.transform(medians[None, :])[0]
+    contributions = reason_contributions(model.weights, scaled, medians_scaled)
+    return probability, reason_codes(contributions, raw, medians)
+
+
+def population_sql(engine: Engine, tables: WarehouseTables, partition: int, partitions: int) -> str:
+    """The scoring population query, restricted to one hash partition when partitioned."""
+    sql = load_source_sql("customer_activity", engine, tables)
+    if partitions <= 1:
+        return sql
+    return (
+        f"SELECT * FROM ({sql}) AS population "
+        f"WHERE abs(coalesce(population.{CUSTOMER_ID}, 0)) % :partitions = :partition"
+    )
+
+
+def population_column_types(engine: Engine, sql: str, params: dict) -> dict[str, pa.DataType]:
+    """Arrow types to parse the population with; text columns stay text to be rejected by rows."""
+    columns = query_columns(engine, sql, params)
+    check_columns(tuple(columns), ACTIVITY_COLUMNS)
+    types: dict[str, pa.DataType] = {WINDOW_END: pa.date32()}
+    for name in (CUSTOMER_ID, *FEATURES):
+        types[name] = pa.float64() if columns[name] else pa.string()
+    return types
+
+
+def stage_population(
+    engine: Engine,
+    tables: WarehouseTables,
+    model: ScoringModel,
+    settings: Settings,
+    run_id: str,
+    as_of: date,
+    partition: int = 0,
+    partitions: int = 1,
+    on_chunk: Callable[[StageResult], None] | None = None,
+) -> StageResult:
+    """Stream one partition of the population: validate, score, stage results and rejects."""
+    params: dict = {"as_of": as_of}
+    if partitions > 1:
+        params.update(partitions=partitions, partition=partition)
+    sql = population_sql(engine, tables, partition, partitions)
+    types = population_column_types(engine, sql, params)
+    result = StageResult(drift=DriftAccumulator(model.profile) if model.profile else None)
+    for chunk in stream_query(engine, sql, params, settings.chunk_size, types):
+        now = datetime.now(UTC)
+        checked = validate_chunk(chunk[list(ACTIVITY_COLUMNS)], run_id, now)
+        valid = checked.valid
+        raw = valid[list(FEATURES)].to_numpy(dtype=np.float64)
+        started = time.perf_counter()
+        probability, codes = score_features(model, raw, settings.predict_batch_size)
+        result.model_seconds += time.perf_counter() - started
+        ids = valid[CUSTOMER_ID].to_numpy(dtype=np.int64)
+        staged = pd.DataFrame(
+            {
+                "run_id": run_id,
+                CUSTOMER_ID: ids,
+                WINDOW_END: valid[WINDOW_END].to_numpy() if WINDOW_END in valid else None,
+                "probability": probability.astype(np.float64),
+                "holdout": holdout_mask(ids, settings.holdout_salt, settings.holdout_share),
+                "reason_1": codes[:, 0],
+                "reason_2": codes[:, 1],
+                "reason_3": codes[:, 2],
+                "partition_no": partition,
+            }
+        )
+        with engine.begin() as conn:
+            write_frame(conn, tables.staging, staged)
+            write_frame(conn, tables.rejected, checked.rejected)
+        result.rows_in += len(chunk)
+        result.rows_scored += len(valid)
+        result.rows_rejected += len(checked.rejected)
+        _count_rejects(result, checked.rejected)
+        result.score_sum += float(probability.sum())
+        if result.drift is not None:
+            result.drift.add(raw, probability)
+        if on_chunk is not None:
+            on_chunk(result)
+    logger.info(
+        "partition %s/%s staged: %s rows in, %s scored, %s rejected",
+        partition + 1,
+        partitions,
+        result.rows_in,
+        result.rows_scored,
+        result.rows_rejected,
+    )
+    return result
+
+
+def _count_rejects(result: StageResult, rejected: pd.DataFrame) -> None:
+    if rejected.empty:
+        return
+    result.reject_counts.update(rejected["reason_code"].value_counts().to_dict())
+    for code, group in rejected.groupby("reason_code"):
+        result.reject_samples.setdefault(
+            str(code), f"{group['reason'].iloc[0]}; row {group['raw_values'].iloc[0]}"
+        )
+
+
+def clear_staging(engine: Engine, tables: WarehouseTables, run_id: str) -> int:
+    """Remove every staged row (leftovers of killed runs too) and this run's earlier rejects."""
+    with engine.begin() as conn:
+        removed = conn.execute(delete(tables.staging)).rowcount
+        conn.execute(delete(tables.rejected).where(tables.rejected.c.run_id == run_id))
+    return int(removed or 0)
+
+
+def reject_duplicates(
+    engine: Engine, tables: WarehouseTables, run_id: str, as_of: date, chunk_size: int
+) -> int:
+    """Move every staged copy of a customer id staged more than once to `rejected_rows`."""
+    duplicated = render_sql("scoring/duplicated_customers", engine, tables).strip()
+    with engine.connect() as conn:
+        if conn.execute(text(f"{duplicated} LIMIT 1"), {"run_id": run_id}).first() is None:
+            return 0
+    source = load_source_sql("customer_activity", engine, tables)
+    params = {"as_of": as_of, "run_id": run_id}
+    sql = f"SELECT * FROM ({source}) AS population WHERE population.{CUSTOMER_ID} IN ({duplicated})"
+    moved = 0
+    types = population_column_types(engine, sql, params)
+    for chunk in stream_query(engine, sql, params, chunk_size, types):
+        now = datetime.now(UTC)
+        copies = validate_chunk(chunk[list(ACTIVITY_COLUMNS)], run_id, now).valid
+        rejected = rejected_frame(
+            copies,
+            ["duplicate_customer_id"] * len(copies),
+            [f"{CUSTOMER_ID}: appears more than once in the population"] * len(copies),
+            run_id,
+            now,
+        )
+        with engine.begin() as conn:
+            write_frame(conn, tables.rejected, rejected)
+        moved += len(rejected)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"DELETE FROM {qualified_name(conn, tables.staging)} "
+                f"WHERE run_id = :run_id AND {CUSTOMER_ID} IN ({duplicated})"
+            ),
+            {"run_id": run_id},
+        )
+    logger.info("rejected %s staged rows whose customer id is duplicated", moved)
+    return moved
+
+
+class RunGateError(RuntimeError):
+    """The run cannot produce a trustworthy list; nothing is published."""
+
+
+def count_population(engine: Engine, tables: WarehouseTables, as_of: date) -> int:
+    """Number of rows the scoring population query returns."""
+    sql = load_source_sql("customer_activity", engine, tables)
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(f"SELECT count(*) FROM ({sql}) AS population"), {"as_of": as_of}
+            ).scalar_one()
+        )
+
+
+def account_duplicates(result: StageResult, duplicates: int) -> StageResult:
+    """The result with `duplicates` staged rows moved from scored to rejected."""
+    if not duplicates:
+        return result
+    counts = Counter(result.reject_counts)
+    counts["duplicate_customer_id"] += duplicates
+    samples = dict(result.reject_samples)
+    samples.setdefault("duplicate_customer_id", f"{duplicates} rows share customer ids")
+    return StageResult(
+        rows_in=result.rows_in,
+        rows_scored=result.rows_scored - duplicates,
+        rows_rejected=result.rows_rejected + duplicates,
+        reject_counts=counts,
+        reject_samples=samples,
+        score_sum=result.score_sum,
+        model_seconds=result.model_seconds,
+        drift=result.drift,
+    )
+
+
+def check_run_gates(result: StageResult, max_reject_share: float) -> None:
+    """Raise `RunGateError` for an empty population, too many rejects or unaccounted rows."""
+    if result.rows_in == 0:
+        raise RunGateError("the scoring population is empty: rule 'population not empty'")
+    if result.rows_in != result.rows_scored + result.rows_rejected:
+        raise RunGateError(
+            f"row accounting broken: rows_in {result.rows_in} != scored {result.rows_scored} "
+            f"+ rejected {result.rows_rejected}"
+        )
+    share = result.rows_rejected / result.rows_in
+    if share > max_reject_share:
+        worst = ", ".join(
+            f"{code}: {count} (e.g. {result.reject_samples.get(code, '')})"
+            for code, count in result.reject_counts.most_common(3)
+        )
+        raise RunGateError(
+            f"{result.rows_rejected} of {result.rows_in} rows ({share:.1%}) broke the feature "
+            f"contract, above the max_reject_share setting {max_reject_share:.1%}: {worst}"
+        )
+
+
+def run_figures(result: StageResult, model_version: str) -> dict:
+    """Ledger figures of a staged run."""
+    return {
+        "model_version": model_version,
+        "rows_in": result.rows_in,
+        "rows_scored": result.rows_scored,
+        "rows_rejected": result.rows_rejected,
+        "reject_share": result.rows_rejected / result.rows_in if result.rows_in else None,
+        "score_mean": result.score_sum / result.rows_scored if result.rows_scored else None,
+    }

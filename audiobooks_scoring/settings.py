@@ -1,0 +1,127 @@
+"""One typed settings object, read from `AUDIOBOOKS_*` environment variables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+TABLE_SETTINGS = (
+    "training_table",
+    "activity_table",
+    "scores_table",
+    "history_table",
+    "runs_table",
+    "rejected_table",
+    "model_versions_table",
+)
+
+
+def check_identifier(name: str, setting: str) -> str:
+    """Return `name` if it is a safe lower-case SQL identifier, else raise naming the setting."""
+    if not IDENTIFIER_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"setting {setting!r} must be a lower-case identifier matching "
+            f"{IDENTIFIER_PATTERN.pattern} (letters, digits, underscore; at most 48 characters); "
+            f"got {name!r}"
+        )
+    return name
+
+
+class Settings(BaseSettings):
+    """Everything the job can be told, from the environment (prefix `AUDIOBOOKS_`) or `.env`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUDIOBOOKS_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path("data")
+    warehouse_url: SecretStr | None = None
+    warehouse_schema: str | None = None
+
+    training_table: str = "training_examples"
+    activity_table: str = "customer_activity"
+    scores_table: str = "customer_scores"
+    history_table: str = "customer_score_history"
+    runs_table: str = "scoring_runs"
+    rejected_table: str = "rejected_rows"
+    model_versions_table: str = "model_versions"
+
+    model_store_dir: Path | None = None
+    reports_dir: Path | None = None
+
+    chunk_size: int = Field(default=200_000, ge=1_000, le=5_000_000)
+    predict_batch_size: int = Field(default=65_536, ge=256)
+    max_reject_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    model_max_age_days: int = Field(default=90, ge=1)
+    lock_timeout_ms: int = Field(default=5_000, ge=100)
+    publish_retries: int = Field(default=3, ge=0)
+
+    seed: int = 42
+    recipe: str = "default"
+    auc_tolerance: float = Field(default=0.005, ge=0.0)
+    calibration_tolerance: float = Field(default=0.02, ge=0.0)
+
+    holdout_share: float = Field(default=0.10, ge=0.0, lt=1.0)
+    holdout_salt: str = "audiobooks-holdout-v1"
+    campaign_mode: Literal["top_share", "top_n", "min_probability"] = "top_share"
+    campaign_value: float = Field(default=0.2, gt=0.0)
+
+    psi_warning: float = Field(default=0.1, ge=0.0)
+    psi_alert: float = Field(default=0.25, ge=0.0)
+
+    partitions: int = Field(default=1, ge=1, le=1024)
+    dask_address: str | None = None
+    dask_workers: int = Field(default=2, ge=1)
+
+    timezone: str = "Europe/London"
+
+    @field_validator(*TABLE_SETTINGS)
+    @classmethod
+    def _table_is_identifier(cls, value: str, info) -> str:
+        return check_identifier(value, info.field_name)
+
+    @field_validator("warehouse_schema")
+    @classmethod
+    def _schema_is_identifier(cls, value: str | None, info) -> str | None:
+        return None if value in (None, "") else check_identifier(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> Settings:
+        if self.psi_alert < self.psi_warning:
+            raise ValueError("setting 'psi_alert' must be at least 'psi_warning'")
+        if self.campaign_mode == "top_share" and self.campaign_value > 1:
+            raise ValueError("setting 'campaign_value' must be a share in (0, 1] for top_share")
+        return self
+
+    @property
+    def warehouse_url_value(self) -> str:
+        """The warehouse URL with credentials; a SQLite file under `data_dir` by default."""
+        if self.warehouse_url is not None:
+            return self.warehouse_url.get_secret_value()
+        return f"sqlite:///{(self.data_dir / 'warehouse.db').resolve()}"
+
+    @property
+    def warehouse_url_safe(self) -> str:
+        """The warehouse URL with its password masked, for logs and reports."""
+        return make_url(self.warehouse_url_value).render_as_string(hide_password=True)
+
+    @property
+    def model_store_path(self) -> Path:
+        """Folder of the model store."""
+        return self.model_store_dir or self.data_dir / "models"
+
+    @property
+    def reports_path(self) -> Path:
+        """Folder where HTML run reports are written."""
+        return self.reports_dir or self.data_dir / "reports"
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with explicit overrides taking precedence."""
+    return Settings(**overrides)

@@ -1,0 +1,3 @@
+-- Drops the marketing views (run before they are re-created).
+DROP VIEW IF EXISTS {campaign_targets_view};
+DROP VIEW IF EXISTS {decile_summary_view}
