@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table as RichTable
@@ -406,6 +407,27 @@ def export(
         raise typer.BadParameter("format must be csv or parquet")
     rows = export_targets(init_warehouse(settings), out, format, settings.chunk_size)
     console.print(f"wrote {rows} targets to {out}")
+
+
+@app.command()
+def bench(
+    customers: Annotated[int, typer.Option(min=1000)] = 1_000_000,
+    warehouse: Annotated[
+        str | None, typer.Option(help="Warehouse URL (default: the configured one).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Measure the floor, the pipeline and a naive notebook pipeline on one population."""
+    from audiobooks_scoring.bench import run_bench
+
+    settings = _settings()
+    if warehouse:
+        settings = settings.model_copy(update={"warehouse_url": SecretStr(warehouse)})
+    report = run_bench(settings, customers)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json()) + "\n")
+    else:
+        console.print(report.describe())
 
 
 @app.command()

@@ -773,6 +773,18 @@ class ModelStore:
             self._write_registry(registry)
         logger.info("model version %s set to %s: %s", version, status, reason)
 
+    def record_decision(self, version: str, reason: str) -> None:
+        """Record a champion/challenger decision on a version without changing its status."""
+        validate_version_id(version)
+        self._require_reason(reason)
+        self._require_exists(version)
+        with self._cleanup_guard(), self._registry_lock():
+            registry = self._read_registry()
+            status = self._status_in(registry, version) or STATUS_CHALLENGER
+            self._record_status(registry, version, status, reason, "decision")
+            self._write_registry(registry)
+        logger.info("model version %s stays %s: %s", version, status, reason)
+
     def promote(self, version: str, reason: str) -> None:
         """Make a verified version the champion; the previous champion becomes retired."""
         validate_version_id(version)

@@ -1,0 +1,117 @@
+"""Shared fixtures: real SQLite files and a real PostgreSQL schema per test, a small model."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from audiobooks_scoring.settings import Settings  # noqa: E402
+from audiobooks_scoring.warehouse import Warehouse, init_warehouse  # noqa: E402
+
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REAL_CSV = Path(__file__).parent / "data" / "audiobooks_data.csv"
+AS_OF = date(2026, 11, 25)
+
+
+def postgres_url() -> str:
+    """The test server: AUDIOBOOKS_TEST_POSTGRES_URL, else the local default."""
+    return os.environ.get("AUDIOBOOKS_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+def require_postgres() -> str:
+    """The reachable test server URL; in CI an unreachable server fails the test, never skips."""
+    url = postgres_url()
+    try:
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001 - any failure to connect decides the same way
+        message = f"PostgreSQL at {url.split('@')[-1]} is unreachable: {type(error).__name__}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI requires it)")
+        pytest.skip(message + "; set AUDIOBOOKS_TEST_POSTGRES_URL to run PostgreSQL tests")
+    return url
+
+
+@pytest.fixture
+def postgres_schema():
+    """A fresh schema on the test server, dropped afterwards; yields (url, schema)."""
+    url = require_postgres()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield url, schema
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    engine.dispose()
+
+
+def make_settings(tmp_path: Path, dialect: str, postgres: tuple[str, str] | None, **extra):
+    """Settings for one test warehouse of the given dialect."""
+    if dialect == "postgres":
+        url, schema = postgres
+        return Settings(
+            data_dir=tmp_path, warehouse_url=url, warehouse_schema=schema, **extra
+        )
+    return Settings(
+        data_dir=tmp_path, warehouse_url=f"sqlite:///{tmp_path / 'warehouse.db'}", **extra
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def dialect(request) -> str:
+    """Each test using it runs on a real SQLite file and on the real PostgreSQL."""
+    return request.param
+
+
+@pytest.fixture
+def settings(request, tmp_path, dialect, trained_store_dir) -> Settings:
+    """Settings pointing at a fresh warehouse of `dialect` and the shared trained model store."""
+    postgres = request.getfixturevalue("postgres_schema") if dialect == "postgres" else None
+    return make_settings(
+        tmp_path, dialect, postgres, model_store_dir=trained_store_dir, chunk_size=1_000
+    )
+
+
+@pytest.fixture
+def warehouse(settings) -> Warehouse:
+    """An initialised warehouse (tables and views created)."""
+    warehouse = init_warehouse(settings)
+    yield warehouse
+    warehouse.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def trained_store_dir(tmp_path_factory) -> Path:
+    """A model store with one small champion trained on demo customers."""
+    from audiobooks_scoring.lifecycle import (
+        TrainingData,
+        judge_challenger,
+        save_challenger,
+        train_challenger,
+    )
+    from audiobooks_scoring.demo_data import generate_customers
+    from audiobooks_scoring.contract import FEATURES, LABEL
+    from audiobooks_scoring.model_store import ModelStore
+
+    root = tmp_path_factory.mktemp("models")
+    frame = generate_customers(4_000, seed=3)
+    data = TrainingData(
+        frame["customer_id"].to_numpy(np.int64),
+        frame[list(FEATURES)].to_numpy(np.float64),
+        frame[LABEL].to_numpy(np.int8),
+    )
+    store = ModelStore(root)
+    challenger = train_challenger(data, "default", seed=1)
+    version = save_challenger(store, data, challenger, AS_OF)
+    judge_challenger(store, data, challenger, version, Settings(), force=True)
+    return root
