@@ -83,7 +83,7 @@ def _numeric(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
         return column.to_numpy(dtype="float64", na_value=np.nan), np.zeros(len(column), bool)
     coerced = pd.to_numeric(column, errors="coerce")
-    values = coerced.to_numpy(dtype="float64", na_value=np.nan)
+    values = coerced.to_numpy(dtype="float64", na_value=np.nan, copy=True)
     text = column.notna().to_numpy() & np.isnan(values)
     if text.any():
         spelled = column[text].astype(str).str.strip().str.lower()

@@ -321,6 +321,20 @@ class DriftAccumulator:
         self._score_counts += self.profile.score_bins.count_values(s)
         self._rows += kept
 
+    def merged(self, other: DriftAccumulator) -> DriftAccumulator:
+        """Return a new accumulator holding both accumulators' counts (same profile only)."""
+        if other.profile is not self.profile and other.profile != self.profile:
+            raise ValueError("cannot merge drift counts made against different profiles")
+        combined = DriftAccumulator(self.profile)
+        combined._feature_counts = [
+            mine + theirs
+            for mine, theirs in zip(self._feature_counts, other._feature_counts, strict=True)
+        ]
+        combined._score_counts = self._score_counts + other._score_counts
+        combined._rows = self._rows + other._rows
+        combined._rows_skipped = self._rows_skipped + other._rows_skipped
+        return combined
+
     def result(self) -> DriftResult:
         """Return the PSI of every feature and of the score over all chunks added so far."""
         if self._rows == 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import decimal
 import html
 import io
 import logging
@@ -69,6 +70,8 @@ def format_value(value: Any) -> str:
     """Return a cell's text: thousands separators, 4 decimals below 1, a dash for missing."""
     if value is None:
         return MISSING
+    if isinstance(value, decimal.Decimal):
+        value = float(value)
     if isinstance(value, bool | np.bool_):
         return "yes" if value else "no"
     if isinstance(value, numbers.Integral):
@@ -117,7 +120,9 @@ def format_column(values: Sequence[Any]) -> list[str]:
 
 
 def is_numeric(value: Any) -> bool:
-    """Return True for numbers (not booleans), which tables align to the right."""
+    """Return True for numbers (not booleans; SQL decimals too), which tables right-align."""
+    if isinstance(value, decimal.Decimal):
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
@@ -430,8 +435,14 @@ def render_chart_png(kind: ChartKind, *args: Any, **kwargs: Any) -> bytes:
 # ---------------------------------------------------------------- markdown
 
 
+def escape_markdown_html(text: str) -> str:
+    """Return `text` with &, < and > as entities, so markdown shows them instead of running HTML."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _markdown_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    text = escape_markdown_html(text).replace("\\", "\\\\").replace("|", "\\|")
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def render_markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -451,14 +462,14 @@ def render_markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _markdown_alt(text: str) -> str:
-    return "".join(ch for ch in text if ch not in "[]\n\r")
+    return escape_markdown_html("".join(ch for ch in text if ch not in "[]\n\r"))
 
 
 def render_markdown_report(
     title: str, figures: Mapping[str, Any], sections: Sequence[ReportSection]
 ) -> str:
     """Return a markdown report (title, key figures, sections) with charts as data URIs."""
-    parts = [f"# {title}\n"]
+    parts = [f"# {escape_markdown_html(title)}\n"]
     if figures:
         parts.append(
             render_markdown_table(
@@ -466,9 +477,9 @@ def render_markdown_report(
             )
         )
     for section in sections:
-        parts.append(f"## {section.heading}\n")
+        parts.append(f"## {escape_markdown_html(section.heading)}\n")
         if section.text:
-            parts.append(section.text.strip() + "\n")
+            parts.append(escape_markdown_html(section.text.strip()) + "\n")
         if section.table is not None:
             parts.append(render_markdown_table(section.table))
         if section.image_png is not None:

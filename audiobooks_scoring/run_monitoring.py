@@ -21,10 +21,9 @@ def summarize_drift(
     tables: WarehouseTables,
     result: StageResult,
     run_id: str,
-    settings: Settings | None = None,
+    settings: Settings,
 ) -> dict[str, Any]:
     """Drift figures for the ledger (`ledger`) and the full drift result (`detail`)."""
-    settings = settings or Settings()
     ledger: dict[str, Any] = {"decile_change_share": decile_change_share(engine, tables, run_id)}
     detail: dict[str, Any] | None = None
     if result.drift is not None and result.drift.rows:

@@ -14,12 +14,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from sqlalchemy import Engine, delete, text
+from sqlalchemy.exc import DBAPIError
 
 from audiobooks_scoring.contract import (
     ACTIVITY_COLUMNS,
     CUSTOMER_ID,
     FEATURES,
     WINDOW_END,
+    ContractError,
     check_columns,
     rejected_frame,
     validate_chunk,
@@ -157,7 +159,13 @@ def population_sql(engine: Engine, tables: WarehouseTables, partition: int, part
 
 def population_column_types(engine: Engine, sql: str, params: dict) -> dict[str, pa.DataType]:
     """Arrow types to parse the population with; text columns stay text to be rejected by rows."""
-    columns = query_columns(engine, sql, params)
+    try:
+        columns = query_columns(engine, sql, params)
+    except DBAPIError as error:
+        raise ContractError(
+            f"the scoring population query failed, so the source does not fit the contract "
+            f"(rule 'required column'): {str(error.orig).strip().splitlines()[0]}"
+        ) from None
     check_columns(tuple(columns), ACTIVITY_COLUMNS)
     types: dict[str, pa.DataType] = {WINDOW_END: pa.date32()}
     for name in (CUSTOMER_ID, *FEATURES):

@@ -115,9 +115,13 @@ def publish_target_list(
 
 
 @task(name="measure-drift", **TASK_OPTIONS)
-def measure_drift(warehouse: Warehouse, result: scoring.StageResult, run_id: str) -> dict:
+def measure_drift(
+    warehouse: Warehouse, result: scoring.StageResult, run_id: str, settings: Settings
+) -> dict:
     """Population stability per feature and of the score, and the share of changed deciles."""
-    return run_monitoring.summarize_drift(warehouse.engine, warehouse.tables, result, run_id)
+    return run_monitoring.summarize_drift(
+        warehouse.engine, warehouse.tables, result, run_id, settings
+    )
 
 
 @task(name="record-run", **TASK_OPTIONS)
@@ -229,7 +233,7 @@ def _score_locked(logger, settings, warehouse, store, run_id, as_of, publish) ->
             published.seconds,
         )
         figures.update(published=publish, targets=published.targets)
-        drift = measure_drift(warehouse, result, run_id)
+        drift = measure_drift(warehouse, result, run_id, settings)
         figures.update(drift["ledger"])
         if drift["ledger"].get("drift_status") == "alert":
             emit_event(

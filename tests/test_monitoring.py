@@ -133,6 +133,27 @@ def test_accumulating_in_chunks_equals_one_pass(profile, chunk_size: int):
     assert chunked.result() == drift_of(profile, features, scores)
 
 
+def test_merging_partitions_equals_one_pass(profile):
+    features, scores = make_population(np.random.default_rng(9), 3_000)
+    features[:, COLUMN["completion"]] += 0.2
+    first, second = DriftAccumulator(profile), DriftAccumulator(profile)
+    first.add(features[:1_000], scores[:1_000])
+    second.add(features[1_000:], scores[1_000:])
+    second.add(np.full((2, len(FEATURES)), np.nan), np.zeros(2))
+    merged = first.merged(second)
+    assert merged.rows == 3_000
+    assert merged.result().rows_skipped == 2
+    assert merged.result().feature_psi == drift_of(profile, features, scores).feature_psi
+    assert first.rows == 1_000 and second.rows == 2_000
+
+
+def test_merging_accumulators_of_different_profiles_is_an_error(profile):
+    features, scores = make_population(np.random.default_rng(10), 1_000)
+    other = DriftAccumulator(profile_training(features, scores))
+    with pytest.raises(ValueError, match="different profiles"):
+        DriftAccumulator(profile).merged(other)
+
+
 def test_rows_with_missing_values_are_skipped_and_counted(profile):
     features, scores = make_population(np.random.default_rng(6), 2_000)
     clean = drift_of(profile, features, scores)

@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import re
 import struct
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,8 @@ def test_bin_labels(cuts, expected):
         ("champion", "champion"),
         (dt.datetime(2025, 11, 25, 2, 30, 15, 999), "2025-11-25 02:30:15"),
         (dt.date(2025, 11, 25), "2025-11-25"),
+        (Decimal("0.12345678"), "0.1235"),
+        (Decimal("2237"), "2,237"),
     ],
 )
 def test_format_value(value, expected: str):
@@ -208,6 +211,7 @@ def test_format_value(value, expected: str):
         ([4.9, 0.4495], ["4.90", "0.45"]),
         ([1603.8, 12.0], ["1,604", "12"]),
         (["a", 0.5], ["a", "0.5000"]),
+        ([Decimal("0.25"), Decimal("3")], ["0.25", "3.00"]),
     ],
 )
 def test_format_column_shares_decimals(values, expected):
@@ -322,3 +326,18 @@ def test_html_report_replaces_an_existing_file(tmp_path: Path):
     write_html_report(path, "New", [ReportSection("Only")])
     assert "<h2>Only</h2>" in path.read_text(encoding="utf-8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
+
+
+def test_markdown_report_shows_html_as_text_instead_of_running_it():
+    sections = [
+        ReportSection(
+            "Rejected <rows>",
+            text="Sample: <script>alert(1)</script> & **bold** stays markdown",
+            table=[{"reason": "<img src=x onerror=alert(1)>"}],
+        )
+    ]
+    markdown = render_markdown_report("Run <1>", {}, sections)
+    assert "<" not in markdown and ">" not in markdown.replace("---:", "")
+    assert "# Run &lt;1&gt;" in markdown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; **bold** stays markdown" in markdown
+    assert "| &lt;img src=x onerror=alert(1)&gt; |" in markdown

@@ -1,0 +1,174 @@
+"""The scoring run end to end on a real SQLite file and a real PostgreSQL (no Prefect)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import func, select
+
+from audiobooks_scoring.contract import CUSTOMER_ID, WINDOW_END
+from audiobooks_scoring.demo_data import iter_demo_activity
+from audiobooks_scoring.scoring import RunGateError
+from audiobooks_scoring.scoring_run import run_scoring
+from audiobooks_scoring.warehouse import read_frame, write_frame
+
+AS_OF = date(2026, 11, 25)
+CUSTOMERS = 3_000
+
+
+def fill_activity(warehouse, customers: int = CUSTOMERS, seed: int = 5, bad_rows=None) -> int:
+    frame = pd.concat(list(iter_demo_activity(customers, seed, date(2026, 11, 1), 100_000)))
+    if bad_rows is not None:
+        frame = pd.concat([frame, bad_rows], ignore_index=True)
+    with warehouse.engine.begin() as conn:
+        write_frame(conn, warehouse.tables.activity, frame)
+    return len(frame)
+
+
+def scores_dump(warehouse) -> pd.DataFrame:
+    scores = warehouse.tables.scores
+    return read_frame(warehouse.engine, select(scores).order_by(scores.c.rank))
+
+
+def bad_rows() -> pd.DataFrame:
+    base = {
+        WINDOW_END: date(2026, 11, 1),
+        "book_length_avg_min": 1620.0,
+        "book_length_total_min": 1620.0,
+        "price_avg": 10.0,
+        "price_total": 10.0,
+        "review": 0.0,
+        "review_score": 8.91,
+        "completion": 0.5,
+        "minutes_listened": 810.0,
+        "support_requests": 0.0,
+        "last_visit_days_after_purchase": 3.0,
+    }
+    changes = [
+        {"price_avg": None},
+        {"completion": float("nan")},
+        {"minutes_listened": float("inf")},
+        {"support_requests": -1.0},
+        {"completion": 1.5},
+        {"review": 3.0},
+        {"review_score": 11.0},
+        {"price_avg": 99.0},
+    ]
+    rows = [{**base, **change, CUSTOMER_ID: 900_000 + i} for i, change in enumerate(changes)]
+    duplicates = [{**base, CUSTOMER_ID: 900_100}, {**base, CUSTOMER_ID: 900_100, "price_avg": 5.0}]
+    return pd.DataFrame(rows + duplicates)
+
+
+def test_accounting_ranks_deciles_and_rejects(settings, warehouse):
+    rows_in = fill_activity(warehouse, bad_rows=bad_rows())
+    figures = run_scoring(settings, warehouse, "run-a", AS_OF)
+    assert figures["rows_in"] == rows_in
+    assert figures["rows_in"] == figures["rows_scored"] + figures["rows_rejected"]
+    assert figures["rows_rejected"] == 10
+
+    rejected = read_frame(warehouse.engine, select(warehouse.tables.rejected))
+    assert len(rejected) == 10 and set(rejected["run_id"]) == {"run-a"}
+    assert sorted(rejected["reason_code"]) == sorted(
+        [
+            "missing_value",
+            "missing_value",
+            "infinite_value",
+            "negative_value",
+            "completion_out_of_range",
+            "review_not_binary",
+            "review_score_out_of_range",
+            "average_above_total",
+            "duplicate_customer_id",
+            "duplicate_customer_id",
+        ]
+    )
+
+    scores = scores_dump(warehouse)
+    assert len(scores) == figures["rows_scored"]
+    assert list(scores["rank"]) == list(range(1, len(scores) + 1))
+    assert scores[CUSTOMER_ID].is_unique
+    assert (np.diff(scores["probability"].to_numpy()) <= 0).all()
+    sizes = scores.groupby("decile").size()
+    assert list(sizes.index) == list(range(1, 11))
+    assert sizes.max() - sizes.min() <= 1
+    assert set(scores["run_id"]) == {"run-a"}
+
+    ledger = read_frame(warehouse.engine, select(warehouse.tables.runs)).iloc[0]
+    assert ledger["status"] == "succeeded"
+    assert ledger["rows_in"] == ledger["rows_scored"] + ledger["rows_rejected"]
+
+
+def test_rerun_of_a_run_id_replaces_only_its_own_rows(settings, warehouse):
+    fill_activity(warehouse)
+    first = run_scoring(settings, warehouse, "run-a", AS_OF)
+    run_scoring(settings, warehouse, "run-b", AS_OF)
+    run_scoring(settings, warehouse, "run-a", AS_OF)
+    history = warehouse.tables.history
+    counts = dict(
+        read_frame(
+            warehouse.engine,
+            select(history.c.run_id, func.count()).group_by(history.c.run_id),
+        ).itertuples(index=False)
+    )
+    assert counts == {"run-a": first["rows_scored"], "run-b": first["rows_scored"]}
+    assert set(scores_dump(warehouse)["run_id"]) == {"run-a"}
+    staging = read_frame(warehouse.engine, select(func.count()).select_from(warehouse.tables.staging))
+    assert staging.iloc[0, 0] == first["rows_scored"]
+
+
+@pytest.mark.parametrize("problem", ["empty", "all_bad", "missing_column"])
+def test_a_failed_gate_leaves_the_previous_list_intact(settings, warehouse, problem):
+    fill_activity(warehouse)
+    run_scoring(settings, warehouse, "good", AS_OF)
+    before = scores_dump(warehouse)
+    activity = warehouse.tables.activity
+    with warehouse.engine.begin() as conn:
+        if problem == "empty":
+            conn.execute(activity.delete())
+        elif problem == "all_bad":
+            conn.execute(activity.update().values(completion=7.0))
+    if problem == "missing_column":
+        from sqlalchemy import text
+
+        from audiobooks_scoring.warehouse import qualified_name
+
+        with warehouse.engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE {qualified_name(conn, activity)} DROP COLUMN completion"))
+    with pytest.raises((RunGateError, ValueError)) as raised:
+        run_scoring(settings, warehouse, "bad", AS_OF)
+    expected = {"empty": "empty", "all_bad": "completion", "missing_column": "completion"}
+    assert expected[problem] in str(raised.value)
+    pd.testing.assert_frame_equal(scores_dump(warehouse), before)
+    runs = read_frame(warehouse.engine, select(warehouse.tables.runs)).set_index("run_id")
+    assert runs.loc["bad", "status"] == "failed"
+    assert not runs.loc["bad", "published"]
+
+
+def test_backfill_writes_history_without_touching_the_current_list(settings, warehouse):
+    fill_activity(warehouse)
+    run_scoring(settings, warehouse, "current", AS_OF)
+    before = scores_dump(warehouse)
+    figures = run_scoring(settings, warehouse, "backfill", date(2026, 11, 2), publish=False)
+    assert figures["status"] == "backfilled"
+    pd.testing.assert_frame_equal(scores_dump(warehouse), before)
+    history = warehouse.tables.history
+    backfilled = read_frame(warehouse.engine, select(history).where(history.c.run_id == "backfill"))
+    assert len(backfilled) == figures["rows_scored"]
+
+
+def test_holdout_is_excluded_from_targets_and_views(settings, warehouse):
+    fill_activity(warehouse)
+    figures = run_scoring(settings, warehouse, "run-a", AS_OF)
+    scores = scores_dump(warehouse)
+    assert not (scores["holdout"] & scores["is_target"]).any()
+    assert scores["is_target"].sum() == figures["targets"]
+    non_holdout = (~scores["holdout"]).sum()
+    assert figures["targets"] == int(np.ceil(settings.campaign_value * non_holdout))
+    targets = read_frame(warehouse.engine, "SELECT * FROM campaign_targets" if warehouse.tables.metadata.schema is None else f"SELECT * FROM {warehouse.tables.metadata.schema}.campaign_targets")
+    assert len(targets) == figures["targets"]
+    assert set(targets[CUSTOMER_ID]).isdisjoint(set(scores.loc[scores["holdout"], CUSTOMER_ID]))
+    top = scores[~scores["holdout"]].head(figures["targets"])
+    assert set(top[CUSTOMER_ID]) == set(targets[CUSTOMER_ID])
