@@ -142,7 +142,9 @@ def train(
 def evaluate(
     csv: Annotated[Path | None, typer.Option(help="Labeled CSV (public format).")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "1,2,3,4,5",
-    recipes: Annotated[str, typer.Option(help="Comma-separated recipes.")] = "default,seeds,logistic",
+    recipes: Annotated[
+        str, typer.Option(help="Comma-separated recipes.")
+    ] = "default,seeds,logistic",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Compare recipes by repeated stratified holdout on a CSV or the training source."""
@@ -204,8 +206,10 @@ def _print_versions() -> None:
             info.version,
             info.status or "-",
             info.created_at[:19],
-            *[f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in ("auc", "brier",
-                                                                        "balanced_accuracy")],
+            *[
+                f"{m[k]:.4f}" if m.get(k) is not None else "-"
+                for k in ("auc", "brier", "balanced_accuracy")
+            ],
         )
     console.print(table)
 
@@ -383,8 +387,17 @@ def runs(
     if as_json:
         sys.stdout.write(json.dumps(records, indent=2) + "\n")
         return
-    columns = ("run_id", "status", "started_at", "model_version", "rows_in", "rows_scored",
-               "rows_rejected", "targets", "drift_status")
+    columns = (
+        "run_id",
+        "status",
+        "started_at",
+        "model_version",
+        "rows_in",
+        "rows_scored",
+        "rows_rejected",
+        "targets",
+        "drift_status",
+    )
     table = RichTable(title="Recent scoring runs")
     for column in columns:
         table.add_column(column)

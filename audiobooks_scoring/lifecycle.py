@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -199,11 +200,14 @@ def decide_promotion(
 ) -> Decision:
     """Promote when there is no champion, or the challenger is not worse on the same holdout."""
     calibration_gap = abs(challenger.mean_predicted - challenger.base_rate)
-    if calibration_gap > settings.calibration_tolerance:
+    noise = 3 * math.sqrt(challenger.base_rate * (1 - challenger.base_rate) / challenger.rows)
+    allowed = max(settings.calibration_tolerance, noise)
+    if calibration_gap > allowed:
         return Decision(
             False,
             f"challenger is miscalibrated: mean predicted {challenger.mean_predicted:.4f} vs "
-            f"observed {challenger.base_rate:.4f} (tolerance {settings.calibration_tolerance})",
+            f"observed {challenger.base_rate:.4f} on {challenger.rows} holdout rows "
+            f"(allowed gap {allowed:.4f}: calibration_tolerance or 3 standard errors)",
         )
     if champion is None:
         return Decision(True, "no champion yet; challenger is calibrated")

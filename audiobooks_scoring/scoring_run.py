@@ -36,7 +36,9 @@ def run_scoring(
                     raise RuntimeError("no champion model in the store; train one first")
                 model = lifecycle.load_scoring_model(store, version)
             result = scoring.stage_population(engine, tables, model, settings, run_id, as_of)
-            duplicates = scoring.reject_duplicates(engine, tables, run_id, as_of, settings.chunk_size)
+            duplicates = scoring.reject_duplicates(
+                engine, tables, run_id, as_of, settings.chunk_size
+            )
             result = scoring.account_duplicates(result, duplicates)
             scoring.check_run_gates(result, settings.max_reject_share)
             figures = scoring.run_figures(result, model.version)

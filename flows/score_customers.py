@@ -163,7 +163,13 @@ def ensure_champion(store: ModelStore, settings: Settings, logger) -> None:
         )
     else:
         return
-    retrain_model()
+    version = retrain_model()
+    if store.champion() is None:
+        raise RuntimeError(
+            f"no champion model: the retrain stored {version} as a challenger without promoting "
+            f"it ({store.history()[-1]['reason']}); review it with `audiobooks-scoring models "
+            f"show {version}` and promote it by hand if it is fit to use"
+        )
 
 
 def stage_all(settings, model, run_id, as_of, partitions: int) -> scoring.StageResult:

@@ -59,9 +59,7 @@ def make_settings(tmp_path: Path, dialect: str, postgres: tuple[str, str] | None
     """Settings for one test warehouse of the given dialect."""
     if dialect == "postgres":
         url, schema = postgres
-        return Settings(
-            data_dir=tmp_path, warehouse_url=url, warehouse_schema=schema, **extra
-        )
+        return Settings(data_dir=tmp_path, warehouse_url=url, warehouse_schema=schema, **extra)
     return Settings(
         data_dir=tmp_path, warehouse_url=f"sqlite:///{tmp_path / 'warehouse.db'}", **extra
     )
@@ -93,14 +91,14 @@ def warehouse(settings) -> Warehouse:
 @pytest.fixture(scope="session")
 def trained_store_dir(tmp_path_factory) -> Path:
     """A model store with one small champion trained on demo customers."""
+    from audiobooks_scoring.contract import FEATURES, LABEL
+    from audiobooks_scoring.demo_data import generate_customers
     from audiobooks_scoring.lifecycle import (
         TrainingData,
         judge_challenger,
         save_challenger,
         train_challenger,
     )
-    from audiobooks_scoring.demo_data import generate_customers
-    from audiobooks_scoring.contract import FEATURES, LABEL
     from audiobooks_scoring.model_store import ModelStore
 
     root = tmp_path_factory.mktemp("models")

@@ -115,7 +115,9 @@ def test_rerun_of_a_run_id_replaces_only_its_own_rows(settings, warehouse):
     )
     assert counts == {"run-a": first["rows_scored"], "run-b": first["rows_scored"]}
     assert set(scores_dump(warehouse)["run_id"]) == {"run-a"}
-    staging = read_frame(warehouse.engine, select(func.count()).select_from(warehouse.tables.staging))
+    staging = read_frame(
+        warehouse.engine, select(func.count()).select_from(warehouse.tables.staging)
+    )
     assert staging.iloc[0, 0] == first["rows_scored"]
 
 
@@ -136,7 +138,9 @@ def test_a_failed_gate_leaves_the_previous_list_intact(settings, warehouse, prob
         from audiobooks_scoring.warehouse import qualified_name
 
         with warehouse.engine.begin() as conn:
-            conn.execute(text(f"ALTER TABLE {qualified_name(conn, activity)} DROP COLUMN completion"))
+            conn.execute(
+                text(f"ALTER TABLE {qualified_name(conn, activity)} DROP COLUMN completion")
+            )
     with pytest.raises((RunGateError, ValueError)) as raised:
         run_scoring(settings, warehouse, "bad", AS_OF)
     expected = {"empty": "empty", "all_bad": "completion", "missing_column": "completion"}
@@ -167,7 +171,12 @@ def test_holdout_is_excluded_from_targets_and_views(settings, warehouse):
     assert scores["is_target"].sum() == figures["targets"]
     non_holdout = (~scores["holdout"]).sum()
     assert figures["targets"] == int(np.ceil(settings.campaign_value * non_holdout))
-    targets = read_frame(warehouse.engine, "SELECT * FROM campaign_targets" if warehouse.tables.metadata.schema is None else f"SELECT * FROM {warehouse.tables.metadata.schema}.campaign_targets")
+    targets = read_frame(
+        warehouse.engine,
+        "SELECT * FROM campaign_targets"
+        if warehouse.tables.metadata.schema is None
+        else f"SELECT * FROM {warehouse.tables.metadata.schema}.campaign_targets",
+    )
     assert len(targets) == figures["targets"]
     assert set(targets[CUSTOMER_ID]).isdisjoint(set(scores.loc[scores["holdout"], CUSTOMER_ID]))
     top = scores[~scores["holdout"]].head(figures["targets"])

@@ -29,7 +29,9 @@ def activity_frame(count: int, seed: int = 0) -> pd.DataFrame:
     frame = pd.DataFrame({CUSTOMER_ID: np.arange(1, count + 1, dtype=np.int64)})
     frame[WINDOW_END] = date(2026, 11, 1)
     for name in FEATURES:
-        frame[name] = np.round(rng.random(count) * 1000, 2) if name != "completion" else rng.random(count)
+        frame[name] = (
+            np.round(rng.random(count) * 1000, 2) if name != "completion" else rng.random(count)
+        )
     return frame
 
 
