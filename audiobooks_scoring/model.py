@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -156,10 +156,12 @@ class DenseWeights:
 
     layers: tuple[DenseLayer, ...]
 
-    def __iter__(self):  # noqa: D105 - iterate as (kernel, bias, activation) tuples
+    def __iter__(self) -> Iterator[DenseLayer]:
+        """Iterate over the layers as (kernel, bias, activation) tuples."""
         return iter(self.layers)
 
     def __len__(self) -> int:
+        """Return the number of layers."""
         return len(self.layers)
 
     @property

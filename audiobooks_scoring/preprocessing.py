@@ -60,17 +60,20 @@ class Preprocessing:
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Return the model input (float32, n x 10) for raw feature rows in FEATURES order."""
-        values = np.asarray(X, dtype=np.float64)
-        if values.ndim != 2 or values.shape[1] != len(self.features):
+        shape = np.shape(X)
+        if len(shape) != 2 or shape[1] != len(self.features):
             raise ValueError(
                 f"expected a 2-D array with {len(self.features)} feature columns "
-                f"({', '.join(self.features)}); got shape {values.shape}"
+                f"({', '.join(self.features)}); got shape {shape}"
             )
-        mask = self.log1p_mask
-        if mask.any():
-            values = values.copy()
-            values[:, mask] = np.log1p(np.maximum(values[:, mask], 0.0))
-        values = (values - np.asarray(self.mean)) / np.asarray(self.scale)
+        # One private float64 copy, then in-place steps: the caller's array is never modified.
+        values = np.array(X, dtype=np.float64, order="C", copy=True)
+        for column in np.flatnonzero(self.log1p_mask):
+            view = values[:, column]
+            np.maximum(view, 0.0, out=view)
+            np.log1p(view, out=view)
+        values -= np.asarray(self.mean)
+        values /= np.asarray(self.scale)
         return values.astype(np.float32)
 
     def medians_scaled(self) -> np.ndarray:

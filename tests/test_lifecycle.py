@@ -1,4 +1,4 @@
-"""Model lifecycle: stored splits reproduce stored metrics, promotion decisions, the mirror table."""
+"""Model lifecycle: stored splits reproduce stored metrics, promotion decisions, mirror table."""
 
 from __future__ import annotations
 

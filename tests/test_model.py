@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,3 +187,35 @@ def test_reason_contributions_zero_at_the_median(trained) -> None:
 def test_train_model_rejects_bad_input(features, labels, message) -> None:
     with pytest.raises(ValueError, match=message):
         train_model(features, labels, quick("default"), seed=0)
+
+
+def test_saved_and_reloaded_model_gives_the_same_numpy_weights(trained, tmp_path) -> None:
+    path = tmp_path / "model.keras"
+    trained.model.save(path)
+    reloaded = keras.models.load_model(path, safe_mode=True, compile=False)
+    for before, after in zip(trained.dense_weights, extract_dense_weights(reloaded), strict=True):
+        np.testing.assert_array_equal(before.kernel, after.kernel)
+        assert before.activation == after.activation
+
+
+REAL_DATA = Path(__file__).parent / "data" / "audiobooks_data.csv"
+
+
+@pytest.mark.slow
+def test_default_recipe_on_real_data_is_accurate_and_calibrated() -> None:
+    import pandas as pd
+
+    from audiobooks_scoring.contract import LABEL
+    from audiobooks_scoring.evaluation import evaluate_predictions, split_holdout
+
+    frame = pd.read_csv(REAL_DATA)
+    X = frame[list(FEATURES)].to_numpy(dtype=float)
+    y = frame[LABEL].to_numpy(dtype=int)
+    rest, test = split_holdout(y, seed=1, test_share=0.2)
+    model = train_model(X[rest], y[rest], RECIPES["default"], seed=1)
+    assert model.train_seconds < 120
+    result = evaluate_predictions(y[test], model.predict_raw(X[test]), model.threshold)
+    assert result.auc > 0.905
+    assert result.balanced_accuracy > 0.805
+    assert result.brier < 0.072
+    assert abs(result.mean_predicted - result.base_rate) < 0.02

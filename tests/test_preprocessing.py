@@ -153,3 +153,12 @@ def test_module_does_not_import_tensorflow() -> None:
         "sys.exit(int('tensorflow' in sys.modules or 'keras' in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_transform_does_not_modify_its_input() -> None:
+    rows = make_raw_rows(25, seed=8)
+    rows[0, FEATURES.index("price_avg")] = -1.0
+    before = rows.copy()
+    transformed = fit_preprocessing(make_raw_rows(25)).transform(rows)
+    np.testing.assert_array_equal(rows, before)
+    assert np.isfinite(transformed).all()
