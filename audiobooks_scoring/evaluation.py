@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from audiobooks_scoring.contract import FEATURES
 from audiobooks_scoring.preprocessing import LOG1P_FEATURES, Preprocessing, fit_preprocessing
@@ -57,6 +56,23 @@ class Evaluation:
 def optional_mean(values: np.ndarray) -> float | None:
     """Return the mean of `values` as a float, or None when there are none."""
     return float(values.mean()) if values.size else None
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Return the ROC AUC of `scores` for 0/1 `labels` (Mann-Whitney, ties count one half)."""
+    y = np.asarray(labels)
+    positives = int((y == 1).sum())
+    negatives = y.size - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("ROC AUC needs both classes in labels")
+    values, inverse, counts = np.unique(
+        np.asarray(scores, dtype=np.float64), return_inverse=True, return_counts=True
+    )
+    # Average 1-based rank of each distinct score: ties share the mean of their ranks.
+    upper = np.cumsum(counts)
+    average_rank = upper - (counts - 1) / 2.0
+    rank_sum = float(average_rank[inverse.reshape(-1)][y == 1].sum())
+    return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
 
 
 def check_predictions(
@@ -162,7 +178,7 @@ def evaluate_predictions(
         base_rate=float(y.mean()),
         mean_predicted=float(p.mean()),
         threshold=float(threshold),
-        auc=float(roc_auc_score(y, p)) if both_classes else None,
+        auc=roc_auc(y, p) if both_classes else None,
         balanced_accuracy=0.5 * (tp / (tp + fn) + tn / (tn + fp)) if both_classes else None,
         brier=float(np.mean((p - y) ** 2)),
         log_loss=log_loss,
@@ -200,14 +216,14 @@ def permutation_importance(
     if y.min() == y.max():
         raise ValueError("permutation importance needs both classes in labels")
     rng = np.random.default_rng(seed)
-    baseline = float(roc_auc_score(y, predict_fn(X)))
+    baseline = roc_auc(y, predict_fn(X))
     result = []
     for j, name in enumerate(feature_names):
         drops = []
         shuffled = X.copy()
         for _ in range(repeats):
             shuffled[:, j] = rng.permutation(X[:, j])
-            drops.append(baseline - float(roc_auc_score(y, predict_fn(shuffled))))
+            drops.append(baseline - roc_auc(y, predict_fn(shuffled)))
         result.append(
             {
                 "feature": name,

@@ -7,8 +7,25 @@ Recipes:
   epochs, early stopping on validation loss with patience 2, last weights kept). Its
   probabilities are calibrated to a 50% base rate, so its equal-prior threshold is 0.5.
 - "default": the same architecture family trained on the natural class distribution so the
-  probabilities match the real conversion rate (about 15.9%); see `RECIPES` for what was
-  changed and why. Its equal-prior threshold is the training base rate.
+  probabilities match the real conversion rate (about 15.9%), with log1p of the skewed
+  features, a 1-unit sigmoid output, patience 5 and best-weight restore. Its equal-prior
+  threshold is the training base rate.
+
+Measured with `audiobooks_scoring.evaluation.run_evaluation_protocol` on the real 14,084 rows
+(seeds 1-5, stratified 20% test per seed; mean over seeds):
+
+| recipe   | ROC AUC | balanced acc. | Brier  | top-decile lift |
+| -------- | ------- | ------------- | ------ | --------------- |
+| default  | 0.9173  | 0.8240        | 0.0663 | 5.24            |
+| seeds    | 0.9119  | 0.8166        | 0.1208 | 5.15            |
+| logistic | 0.9074  | 0.8143        | 0.0711 | 4.94            |
+
+The log1p inputs are what lifts the default (same recipe without them: AUC 0.9121, BA 0.8187,
+Brier 0.0678). Patience 10, batch 256, L2 1e-4 and a 15% validation share were also tried and
+were within noise (AUC 0.9163-0.9172), so the faster plain setup was kept. Training the
+default on all 14,084 rows takes about 25 s on 2 cores.
+
+`train_model` calls `tf.config.experimental.enable_op_determinism()`, a process-wide switch.
 
 TensorFlow is imported lazily: the numpy path (`predict_probability`, `reason_contributions`)
 needs only numpy and the weights that `extract_dense_weights` takes out of a Keras model.

@@ -38,6 +38,7 @@ from audiobooks_scoring.contract import CUSTOMER_ID, WINDOW_END
 from audiobooks_scoring.scoring import REASON_LABELS
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import (
+    VIEW_NAMES,
     WarehouseTables,
     create_views,
     drop_views,
@@ -106,26 +107,100 @@ def lock_key(tables: WarehouseTables) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
 
 
+# The backend pid holding each PostgreSQL run lock of this process, by (masked URL, lock key):
+# publication checks, inside its own transactions, that this session still holds the lock.
+_HELD_LOCKS: dict[tuple[str, int], int] = {}
+
+_LOCK_HOLDERS_SQL = text(
+    "SELECT l.pid, a.application_name, a.client_addr, a.backend_start FROM pg_locks AS l "
+    "LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND l.classid::bigint = :high AND l.objid::bigint = :low"
+)
+
+
+def _engine_key(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def _key_parts(key: int) -> dict[str, int]:
+    return {"high": key >> 32, "low": key & 0xFFFFFFFF}
+
+
+def run_lock_holders(bind: Engine | Connection, tables: WarehouseTables) -> list[int]:
+    """Backend pids holding the PostgreSQL run lock of these tables (empty on SQLite or if free)."""
+    if not is_postgres(bind):
+        return []
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return run_lock_holders(conn, tables)
+    rows = bind.execute(_LOCK_HOLDERS_SQL, _key_parts(lock_key(tables))).all()
+    return [int(row.pid) for row in rows]
+
+
+def _describe_holder(connection: Connection, tables: WarehouseTables) -> str:
+    try:
+        row = connection.execute(_LOCK_HOLDERS_SQL, _key_parts(lock_key(tables))).first()
+    except DBAPIError:
+        return "advisory lock is held"
+    if row is None:
+        return "advisory lock is held"
+    return (
+        f"advisory lock held by backend pid {row.pid} ({row.application_name or 'unknown app'}"
+        f" from {row.client_addr or 'local socket'}, connected {row.backend_start})"
+    )
+
+
+def check_run_lock(conn: Connection, tables: WarehouseTables) -> None:
+    """Raise `PublicationError` unless this process's run lock session still holds the lock."""
+    if not is_postgres(conn):
+        return
+    key = lock_key(tables)
+    pid = _HELD_LOCKS.get((_engine_key(conn.engine), key))
+    if pid is None:
+        raise PublicationError(
+            "publishing needs the run lock: call publish_scores inside `with RunLock(...)`"
+        )
+    if pid not in run_lock_holders(conn, tables):
+        raise PublicationError(
+            f"the run lock was lost (its database session, backend pid {pid}, ended or was "
+            "terminated), so another run may be publishing; nothing was published by this run"
+        )
+
+
 class RunLock:
-    """Only one scoring run at a time: a PostgreSQL session advisory lock or a SQLite file lock."""
+    """Only one scoring run at a time: a PostgreSQL session advisory lock or a SQLite file lock.
+
+    On PostgreSQL the lock lives as long as its database session. If that session is lost
+    (server restart, `pg_terminate_backend`), publication notices it inside its transaction and
+    fails with `PublicationError` rather than publishing without the lock.
+    """
 
     def __init__(self, engine: Engine, tables: WarehouseTables) -> None:
         self.engine = engine
         self.tables = tables
         self._connection: Connection | None = None
         self._file: Any = None
+        self._registered: tuple[str, int] | None = None
 
     def __enter__(self) -> RunLock:
         if is_postgres(self.engine):
             connection = self.engine.connect()
+            key = lock_key(self.tables)
             got = connection.execute(
-                text("SELECT pg_try_advisory_lock(:key)"), {"key": lock_key(self.tables)}
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": key}
             ).scalar_one()
-            connection.commit()
             if not got:
+                holder = _describe_holder(connection, self.tables)
+                connection.rollback()
                 connection.close()
-                raise AnotherRunPublishing("another run is publishing (advisory lock is held)")
+                raise AnotherRunPublishing(f"another run is publishing ({holder})")
+            pid = int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            connection.commit()
             self._connection = connection
+            self._registered = (_engine_key(self.engine), key)
+            _HELD_LOCKS[self._registered] = pid
             return self
         path = Path(f"{self.engine.url.database or 'memory'}.{self.tables.scores.name}.lock")
         handle = open(path, "a+")  # noqa: SIM115 - held for the lock's lifetime
@@ -138,6 +213,9 @@ class RunLock:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        if self._registered is not None:
+            _HELD_LOCKS.pop(self._registered, None)
+            self._registered = None
         if self._connection is not None:
             try:
                 self._connection.execute(
@@ -172,10 +250,25 @@ def record_run_start(
     flow_run_id: str | None,
     status: str = "running",
 ) -> datetime:
-    """Insert (or reset) this run's ledger row; returns its start time."""
+    """Insert (or reset) this run's ledger row, closing rows of runs killed mid-way; its start.
+
+    Called under the run lock, so any other row still `running` belongs to a run that died
+    without finishing (killed, lost its machine): it is marked `abandoned`.
+    """
     started = datetime.now(UTC)
     runs = tables.runs
     with engine.begin() as conn:
+        abandoned = conn.execute(
+            update(runs)
+            .where(runs.c.status == "running", runs.c.run_id != run_id)
+            .values(
+                status="abandoned",
+                finished_at=started,
+                message=f"the run ended without recording an outcome; found by run {run_id}",
+            )
+        ).rowcount
+        if abandoned:
+            logger.warning("marked %s unfinished earlier run(s) as abandoned", abandoned)
         conn.execute(delete(runs).where(runs.c.run_id == run_id))
         conn.execute(
             insert(runs).values(
@@ -354,6 +447,7 @@ def _publish_sqlite(engine: Engine, tables: WarehouseTables, ranked, run_id: str
     with engine.begin() as conn:
         pause_at("after_staging")
         conn.execute(delete(tables.scores))
+        pause_at("during_swap")
         rows = conn.execute(insert(tables.scores).from_select(columns, ranked)).rowcount
         conn.execute(delete(tables.history).where(tables.history.c.run_id == run_id))
         conn.execute(insert(tables.history).from_select(columns, select(*tables.scores.columns)))
@@ -369,6 +463,7 @@ def _publish_postgres(
 
     def build_next() -> int:
         with engine.begin() as conn:
+            check_run_lock(conn, tables)
             next_table.drop(conn, checkfirst=True)
             next_table.create(conn)
             rows = conn.execute(insert(next_table).from_select(columns, ranked)).rowcount
@@ -380,12 +475,15 @@ def _publish_postgres(
 
     def swap() -> None:
         with engine.begin() as conn:
+            conn.execute(text(f"SET LOCAL lock_timeout = {int(settings.lock_timeout_ms)}"))
+            check_run_lock(conn, tables)
             conn.execute(delete(tables.history).where(tables.history.c.run_id == run_id))
             conn.execute(insert(tables.history).from_select(columns, select(*next_table.columns)))
-            conn.execute(text(f"SET LOCAL lock_timeout = {int(settings.lock_timeout_ms)}"))
             live = qualified_name(conn, tables.scores)
             old_name = f"{tables.scores.name}_old"[:60]
             preparer = conn.dialect.identifier_preparer
+            relations = [live, *(_in_schema(conn, tables, view) for view in VIEW_NAMES)]
+            grants = {relation: _relation_grants(conn, relation) for relation in relations}
             drop_views(conn, tables)
             conn.execute(text(f"DROP TABLE IF EXISTS {_in_schema(conn, tables, old_name)}"))
             conn.execute(text(f"ALTER TABLE IF EXISTS {live} RENAME TO {preparer.quote(old_name)}"))
@@ -406,10 +504,42 @@ def _publish_postgres(
                 )
             )
             create_views(conn, tables)
+            for relation, granted in grants.items():
+                _grant(conn, relation, granted)
+            check_run_lock(conn, tables)
             pause_at("before_commit")
 
     with_retries(swap, settings.publish_retries, "swapping in the new list")
     return rows
+
+
+GRANTABLE_PRIVILEGES = frozenset(
+    {"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"}
+)
+_GRANTS_SQL = text(
+    "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE r.rolname END AS grantee, "
+    "a.privilege_type, a.is_grantable "
+    "FROM pg_class AS c CROSS JOIN LATERAL aclexplode(c.relacl) AS a "
+    "LEFT JOIN pg_roles AS r ON r.oid = a.grantee "
+    "WHERE c.oid = to_regclass(:relation) AND a.grantee <> c.relowner"
+)
+
+
+def _relation_grants(conn: Connection, relation: str) -> list[tuple[str | None, str, bool]]:
+    """Privileges granted on a table or view to roles other than its owner (None = PUBLIC)."""
+    rows = conn.execute(_GRANTS_SQL, {"relation": relation}).all()
+    return [(row.grantee, row.privilege_type, bool(row.is_grantable)) for row in rows]
+
+
+def _grant(conn: Connection, relation: str, grants: list[tuple[str | None, str, bool]]) -> None:
+    """Give the swapped-in table (or recreated view) the privileges its predecessor had."""
+    preparer = conn.dialect.identifier_preparer
+    for grantee, privilege, grantable in grants:
+        if privilege not in GRANTABLE_PRIVILEGES:
+            continue
+        role = "PUBLIC" if grantee is None else preparer.quote_identifier(grantee)
+        option = " WITH GRANT OPTION" if grantable and grantee is not None else ""
+        conn.execute(text(f"GRANT {privilege} ON {relation} TO {role}{option}"))
 
 
 def _in_schema(conn: Connection, tables: WarehouseTables, name: str) -> str:

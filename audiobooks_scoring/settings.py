@@ -36,8 +36,14 @@ def check_identifier(name: str, setting: str) -> str:
 class Settings(BaseSettings):
     """Everything the job can be told, from the environment (prefix `AUDIOBOOKS_`) or `.env`."""
 
+    # hide_input_in_errors: a validation error must never echo the input (the warehouse URL,
+    # with its password, is part of the input every model-level rule would otherwise print).
     model_config = SettingsConfigDict(
-        env_prefix="AUDIOBOOKS_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="AUDIOBOOKS_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
     )
 
     data_dir: Path = Path("data")
@@ -85,6 +91,20 @@ class Settings(BaseSettings):
     @classmethod
     def _table_is_identifier(cls, value: str, info) -> str:
         return check_identifier(value, info.field_name)
+
+    @field_validator("warehouse_url")
+    @classmethod
+    def _url_is_parseable(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        try:
+            make_url(value.get_secret_value())
+        except Exception:  # noqa: BLE001 - the parser's message would quote the URL
+            raise ValueError(
+                "setting 'warehouse_url' is not a valid SQLAlchemy URL "
+                "(dialect+driver://user:password@host:port/database)"
+            ) from None
+        return value
 
     @field_validator("warehouse_schema")
     @classmethod

@@ -412,25 +412,36 @@ def write_frame(conn: Connection, table: Table, frame: pd.DataFrame) -> int:
             for start in range(0, len(frame), WRITE_SLICE_ROWS):
                 copy.write(_frame_to_csv(frame.iloc[start : start + WRITE_SLICE_ROWS]))
         return len(frame)
+    preparer = conn.dialect.identifier_preparer
+    insert_sql = (
+        f"INSERT INTO {qualified_name(conn, table)} "
+        f"({', '.join(preparer.quote(name) for name in columns)}) "
+        f"VALUES ({', '.join('?' for _ in columns)})"
+    )
     for start in range(0, len(frame), WRITE_SLICE_ROWS):
         piece = frame.iloc[start : start + WRITE_SLICE_ROWS]
-        conn.execute(table.insert(), _records(piece))
+        conn.exec_driver_sql(insert_sql, _rows(conn, table, piece))
     return len(frame)
 
 
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    converted = {}
+def _rows(conn: Connection, table: Table, frame: pd.DataFrame) -> list[tuple]:
+    """Plain Python rows, each value passed through its column type's bind processor."""
+    converted = []
     for name in frame.columns:
         column = frame[name]
         if pd.api.types.is_datetime64_any_dtype(column):
             values = [None if pd.isna(v) else v.to_pydatetime() for v in column]
         elif pd.api.types.is_float_dtype(column):
-            values = [None if np.isnan(v) else float(v) for v in column.to_numpy()]
+            values = [None if v != v else v for v in column.to_numpy().tolist()]
+        elif pd.api.types.is_integer_dtype(column) or pd.api.types.is_bool_dtype(column):
+            values = column.to_numpy().tolist()
         else:
             values = [None if _is_missing(v) else _native(v) for v in column.to_numpy(object)]
-        converted[name] = values
-    names = list(frame.columns)
-    return [dict(zip(names, row, strict=True)) for row in zip(*converted.values(), strict=True)]
+        process = table.c[name].type._cached_bind_processor(conn.dialect)
+        if process is not None:
+            values = [None if v is None else process(v) for v in values]
+        converted.append(values)
+    return list(zip(*converted, strict=True))
 
 
 def _is_missing(value: Any) -> bool:

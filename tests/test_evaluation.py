@@ -12,6 +12,7 @@ from audiobooks_scoring.contract import FEATURES
 from audiobooks_scoring.evaluation import (
     evaluate_predictions,
     permutation_importance,
+    roc_auc,
     run_evaluation_protocol,
     summarize_protocol,
     train_logistic_baseline,
@@ -41,6 +42,23 @@ def test_hand_checked_metrics() -> None:
     expected_log_loss = -(math.log(0.8) + math.log(0.4) + math.log(0.4) + math.log(0.8)) / 4
     assert result.log_loss == pytest.approx(expected_log_loss)
     assert result.base_rate == 0.5 and result.mean_predicted == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_auc_agrees_with_scikit_learn_including_ties(seed: int) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    labels = (rng.uniform(size=500) < 0.2).astype(int)
+    scores = np.round(rng.uniform(size=500) + 0.3 * labels, 1)
+    assert roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_roc_auc_counts_ties_as_half() -> None:
+    assert roc_auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
+    assert roc_auc(np.array([0, 1, 0, 1]), np.array([0.1, 0.3, 0.3, 0.9])) == pytest.approx(
+        (1 + 1 + 0.5 + 1) / 4
+    )
 
 
 def test_threshold_is_inclusive_and_changes_balanced_accuracy() -> None:

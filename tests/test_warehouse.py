@@ -74,7 +74,7 @@ def stream_peak(warehouse, as_of: date, chunk_size: int) -> tuple[int, list[int]
 
 
 def test_streaming_memory_is_bounded_by_the_chunk_not_the_table(warehouse):
-    small, large, chunk_size = 40_000, 200_000, 10_000
+    small, large, chunk_size = 20_000, 100_000, 5_000
     with warehouse.engine.begin() as conn:
         write_frame(conn, warehouse.tables.activity, activity_frame(small))
         write_frame(
