@@ -275,6 +275,7 @@ def load_scoring_model(store: ModelStore, version: str) -> ScoringModel:
         preprocessing=Preprocessing.from_json(stored.preprocessing_json),
         profile=FeatureProfile.from_dict(profile_data) if profile_data else None,
         metrics=dict(stored.metadata.get("metrics", {})),
+        importance=list(stored.metadata.get("feature_importance", [])),
     )
 
 

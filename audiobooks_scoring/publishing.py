@@ -411,20 +411,32 @@ def publish_scores(
     started = time.perf_counter()
     non_holdout = count_non_holdout(engine, tables, run_id)
     ranked = ranked_scores_select(tables, settings, run_id, model_version, scored_at, non_holdout)
-    if not replace_current:
-        rows = with_retries(
-            lambda: _append_history(engine, tables, ranked, run_id),
-            settings.publish_retries,
-            "appending to history",
+    try:
+        if not replace_current:
+            rows = with_retries(
+                lambda: _append_history(engine, tables, ranked, run_id),
+                settings.publish_retries,
+                "appending to history",
+            )
+        elif is_postgres(engine):
+            rows = _publish_postgres(engine, tables, settings, ranked, run_id)
+        else:
+            rows = with_retries(
+                lambda: _publish_sqlite(engine, tables, ranked, run_id),
+                settings.publish_retries,
+                "publication",
+            )
+    except DBAPIError as error:
+        kind = (
+            f"transient error still failing after {settings.publish_retries} retries"
+            if is_transient(error)
+            else "error that is not retried"
         )
-    elif is_postgres(engine):
-        rows = _publish_postgres(engine, tables, settings, ranked, run_id)
-    else:
-        rows = with_retries(
-            lambda: _publish_sqlite(engine, tables, ranked, run_id),
-            settings.publish_retries,
-            "publication",
-        )
+        first_line = (str(error.orig).strip().splitlines() or ["?"])[0]
+        raise PublicationError(
+            f"run {run_id} was not published ({kind}: {type(error.orig).__name__}: "
+            f"{first_line}); the previous list is untouched"
+        ) from error
     history = tables.history
     with engine.connect() as conn:
         targets = int(

@@ -614,6 +614,7 @@ def write_html_report(
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(page)
+        os.chmod(temporary, 0o644)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from audiobooks_scoring.reports import (
     render_score_distribution_png,
     write_html_report,
 )
+from audiobooks_scoring.scoring import ScoringModel
+from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import WarehouseTables, read_frame, render_sql
 
 TOP_ROWS = 20
@@ -67,7 +68,7 @@ def build_retrain_report(
     importance = [
         {"feature": row["feature"], "importance": row["auc_drop"]} for row in challenger.importance
     ]
-    confusion = [{"": "actual", **evaluation.confusion}]
+    confusion = [evaluation.confusion]
     sections = [
         ReportSection("Decision", text=decision.reason, table=comparison),
         ReportSection(
@@ -119,12 +120,11 @@ def build_scoring_report(
     engine: Engine,
     tables: WarehouseTables,
     run_id: str,
-    model_metrics: dict[str, Any],
-    reports_dir: Path,
-    warning: float = 0.1,
-    alert: float = 0.25,
+    model: ScoringModel,
+    drift: dict[str, Any] | None,
+    settings: Settings,
 ) -> RunReport:
-    """The scoring report of a run: counts, rejects, deciles, drift, top of the list."""
+    """The scoring report of a run: counts, rejects, deciles, drift, the model, top of the list."""
     runs = tables.runs
     run = read_frame(engine, select(runs).where(runs.c.run_id == run_id)).iloc[0].to_dict()
     history = tables.history
@@ -146,10 +146,10 @@ def build_scoring_report(
         .order_by(history.c.rank)
         .limit(TOP_ROWS),
     ).to_dict("records")
-    rejected = tables.rejected
     reject_rows = read_frame(
         engine, render_sql("scoring/run_rejects", engine, tables), {"run_id": run_id}
     ).to_dict("records")
+    metrics = model.metrics
     figures = {
         "run id": run_id,
         "status": run["status"],
@@ -160,7 +160,7 @@ def build_scoring_report(
         "rows rejected": run["rows_rejected"],
         "targets": run["targets"],
         "published": bool(run["published"]),
-        "model holdout AUC": model_metrics.get("auc"),
+        "model holdout AUC": metrics.get("auc"),
         "drift": run["drift_status"],
         "deciles changed": run["decile_change_share"],
     }
@@ -175,36 +175,79 @@ def build_scoring_report(
         ),
         ReportSection(
             "Rejected rows by reason",
-            text=f"Every rejected row is in the {rejected.name} table with this run id.",
+            text=f"Every rejected row is in the {tables.rejected.name} table with this run id.",
             table=reject_rows,
         ),
     ]
-    feature_psi = json.loads(run["feature_psi"]) if run.get("feature_psi") else {}
-    if feature_psi:
+    if drift:
         sections.append(
             ReportSection(
                 "Drift against the champion's training data",
                 text=(
-                    f"Population stability index per feature; warning at {warning}, "
-                    f"alert at {alert}. Score PSI {run['score_psi']:.4f}."
+                    f"Population stability index per feature; warning at {settings.psi_warning},"
+                    f" alert at {settings.psi_alert}. Score PSI {drift['score_psi']:.4f}."
                 ),
-                table=[{"feature": k, "psi": v} for k, v in feature_psi.items()],
-                image_png=render_drift_png(feature_psi, run["score_psi"], warning, alert),
+                table=[{"feature": k, "psi": v} for k, v in drift["feature_psi"].items()],
+                image_png=render_drift_png(
+                    drift["feature_psi"],
+                    drift["score_psi"],
+                    settings.psi_warning,
+                    settings.psi_alert,
+                ),
             )
         )
+        sections.append(score_distribution_section(drift))
+    sections.extend(model_sections(model))
     sections.append(ReportSection(f"Top {TOP_ROWS} of the list", table=top))
     title = f"Scoring run {run_id}"
     html_path = write_html_report(
-        reports_dir / "runs" / run_id / "report.html", title, sections, figures
+        settings.reports_path / "runs" / run_id / "report.html", title, sections, figures
     )
     markdown = render_markdown_report(title, figures, _without_images(sections, keep=1))
     return RunReport(markdown, html_path, top)
+
+
+def model_sections(model: ScoringModel) -> list[ReportSection]:
+    """Sections on the champion that scored the run: holdout lift, calibration, importance."""
+    metrics = model.metrics
+    sections = []
+    if metrics.get("deciles"):
+        sections.append(
+            ReportSection(
+                f"Model {model.version}: cumulative gains and lift on its holdout",
+                text="Observed conversion per decile of the model's holdout, against predicted.",
+                table=metrics["deciles"],
+                image_png=render_decile_png(metrics["deciles"]),
+            )
+        )
+    if metrics.get("calibration"):
+        sections.append(
+            ReportSection(
+                f"Model {model.version}: calibration on its holdout",
+                table=metrics["calibration"],
+                image_png=render_calibration_png(metrics["calibration"]),
+            )
+        )
+    if model.importance:
+        importance = [
+            {"feature": r["feature"], "importance": r["auc_drop"]} for r in model.importance
+        ]
+        sections.append(
+            ReportSection(
+                f"Model {model.version}: feature importance",
+                text="Drop in holdout ROC AUC when the feature is shuffled.",
+                table=importance,
+                image_png=render_feature_importance_png(importance),
+            )
+        )
+    return sections
 
 
 def score_distribution_section(detail: dict[str, Any]) -> ReportSection:
     """A section comparing this run's score distribution with training's."""
     return ReportSection(
         "Score distribution against training",
+        text="Share of customers per score bin (bins: deciles of the training scores).",
         image_png=render_score_distribution_png(
             detail["score_cuts"], detail["score_expected_shares"], detail["score_actual_shares"]
         ),

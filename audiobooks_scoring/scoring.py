@@ -76,6 +76,7 @@ class ScoringModel:
     preprocessing: Preprocessing
     profile: FeatureProfile | None
     metrics: dict = field(default_factory=dict)
+    importance: list = field(default_factory=list)
 
 
 @dataclass

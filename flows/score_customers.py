@@ -132,11 +132,15 @@ def record_run(warehouse: Warehouse, run_id: str, figures: dict) -> None:
 
 @task(name="publish-run-report", **TASK_OPTIONS)
 def publish_run_report(
-    warehouse: Warehouse, settings: Settings, run_id: str, model: scoring.ScoringModel
+    warehouse: Warehouse,
+    settings: Settings,
+    run_id: str,
+    model: scoring.ScoringModel,
+    drift: dict | None,
 ) -> str:
     """Path of the run's HTML report; markdown, table and link artifacts for the Prefect UI."""
     report = run_reports.build_scoring_report(
-        warehouse.engine, warehouse.tables, run_id, model.metrics, settings.reports_path
+        warehouse.engine, warehouse.tables, run_id, model, drift, settings
     )
     create_markdown_artifact(
         markdown=report.markdown, key="scoring-report", description=f"Scoring run {run_id}"
@@ -250,7 +254,9 @@ def _score_locked(logger, settings, warehouse, store, run_id, as_of, publish) ->
             logger.warning("drift alert: %s", drift["ledger"])
         figures["status"] = "succeeded" if publish else "backfilled"
         record_run(warehouse, run_id, figures)
-        figures["report_path"] = publish_run_report(warehouse, settings, run_id, model)
+        figures["report_path"] = publish_run_report(
+            warehouse, settings, run_id, model, drift["detail"]
+        )
         record_run(warehouse, run_id, {"report_path": figures["report_path"]})
         return {"run_id": run_id, **figures}
     except Exception as error:
