@@ -1,4 +1,20 @@
-"""Publication: the one-run-at-a-time lock, the run ledger and the atomic swap of the list."""
+"""Publication: the one-run-at-a-time lock, the run ledger and the atomic swap of the list.
+
+Decisions (each covered by tests/test_reliability_*.py):
+- PostgreSQL builds `<scores>_next` in its own transaction, then swaps it in with renames in one
+  transaction under `SET LOCAL lock_timeout`; a reader's long transaction delays the swap by at
+  most the lock timeout per attempt, and readers always see one whole list. SQLite replaces the
+  rows in one transaction (WAL readers keep their snapshot).
+- A killed run leaves at most `<scores>_next` and staged rows, which the next run replaces; its
+  ledger row, still `running`, is marked `abandoned` by the next run (one ledger per list).
+- The run lock lives in a database session. Publication re-checks that this process's session
+  still holds it, so a run whose session was lost fails instead of publishing unguarded.
+- Privileges granted on the list and its views (e.g. the ad team's SELECT) are re-granted on
+  the swapped-in table and the re-created views.
+- Transient errors (lost connection, lock timeout, deadlock, serialization failure, SQLite
+  "database is locked") are retried with exponential backoff; others fail at once. A publication
+  that still fails raises `PublicationError`, leaving the previous list untouched.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +68,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TRANSIENT_SQLSTATES = ("08", "40001", "40P01", "55P03", "57P01", "57P02", "57P03")
+# Connection failures carry no SQLSTATE; these ones will not heal by waiting.
+PERMANENT_CONNECTION_ERRORS = (
+    "authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "permission denied",
+)
 
 
 class AnotherRunPublishing(RuntimeError):
@@ -76,6 +99,8 @@ def is_transient(error: BaseException) -> bool:
         return state.startswith(TRANSIENT_SQLSTATES)
     if isinstance(error, OperationalError):
         message = str(getattr(error, "orig", error)).lower()
+        if any(marker in message for marker in PERMANENT_CONNECTION_ERRORS):
+            return False
         return "database is locked" in message or "connection" in message
     return False
 

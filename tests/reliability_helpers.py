@@ -169,15 +169,17 @@ def assert_settled(warehouse: Warehouse, staged_runs: set[str]) -> None:
     assert_accounting(warehouse)
 
 
-def assert_one_whole_list(warehouse: Warehouse, run_id: str) -> pd.DataFrame:
-    """The current list is exactly `run_id`'s rows in history, ranked 1..n."""
+def assert_one_whole_list(
+    warehouse: Warehouse, run_id: str, rows: int | None = None
+) -> pd.DataFrame:
+    """The current list is all of `run_id` (`rows`, else its ledger's rows_scored), ranked 1..n."""
     scores = scores_dump(warehouse)
-    assert len(scores) > 0
+    expected = int(ledger(warehouse).loc[run_id, "rows_scored"]) if rows is None else rows
+    assert len(scores) == expected > 0
     assert set(scores["run_id"]) == {run_id}
     assert list(scores["rank"]) == list(range(1, len(scores) + 1))
     assert scores["customer_id"].is_unique
     assert history_counts(warehouse)[run_id] == len(scores)
-    assert ledger(warehouse).loc[run_id, "rows_scored"] == len(scores)
     return scores
 
 

@@ -36,8 +36,8 @@ from tests.reliability_helpers import (
     fill_activity,
     history_counts,
     kill_process,
-    leftover_tables,
     ledger,
+    leftover_tables,
     save_model_file,
     scores_dump,
     start_scoring_process,
@@ -217,6 +217,7 @@ def test_lost_run_lock_session_publishes_nothing_and_a_retry_succeeds(
     with pytest.raises(PublicationError, match="run lock was lost"):
         future.result(timeout=60)
     pd.testing.assert_frame_equal(scores_dump(pg_warehouse), before)
+    assert leftover_tables(pg_warehouse) == ["customer_scores_next"]  # for the next run to drop
     assert ledger(pg_warehouse).loc["orphan", "status"] == "failed"
     assert "orphan" not in history_counts(pg_warehouse)
     assert_no_held_lock(pg_warehouse)
@@ -344,6 +345,21 @@ def test_lock_timeout_serialization_and_lost_connection_are_transient(pg_engine)
     assert is_transient(raised.value)  # a server that is restarting is worth waiting for
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://no_such_role:pw@127.0.0.1:5432/test",
+        "postgresql+psycopg://postgres@127.0.0.1:5432/no_such_database",
+    ],
+)
+def test_connection_refused_by_the_server_is_not_transient(url):
+    require_postgres()
+    engine = create_warehouse_engine(url)
+    with pytest.raises(OperationalError) as raised:
+        engine.connect()
+    assert "does not exist" in str(raised.value) and not is_transient(raised.value)
+
+
 def test_deadlock_is_transient(pg_engine):
     engine, schema = pg_engine
     with engine.begin() as conn:
@@ -387,20 +403,19 @@ def test_sqlite_locked_is_transient_and_bad_sql_is_not(tmp_path):
 def test_with_retries_backs_off_on_transient_errors_until_success(pg_engine, caplog):
     engine, schema = pg_engine
     calls: list[float] = []
-    holder = engine.connect()
-    holder.execute(text(f"LOCK TABLE {schema}.t IN ACCESS EXCLUSIVE MODE"))
-
-    def read() -> int:
-        calls.append(time.monotonic())
-        if len(calls) == 3:
-            holder.rollback()  # the blocking reader finally lets go
-        with engine.connect() as conn:
-            conn.execute(text("SET lock_timeout = 20"))
-            return conn.execute(text(f"SELECT count(*) FROM {schema}.t")).scalar_one()
-
     caplog.set_level(logging.WARNING, logger="audiobooks_scoring.publishing")
-    assert with_retries(read, attempts=3, what="reading", base_delay=0.05) == 1
-    holder.close()
+    with engine.connect() as holder:
+        holder.execute(text(f"LOCK TABLE {schema}.t IN ACCESS EXCLUSIVE MODE"))
+
+        def read() -> int:
+            calls.append(time.monotonic())
+            if len(calls) == 3:
+                holder.rollback()  # the blocking reader finally lets go
+            with engine.connect() as conn:
+                conn.execute(text("SET lock_timeout = 20"))
+                return conn.execute(text(f"SELECT count(*) FROM {schema}.t")).scalar_one()
+
+        assert with_retries(read, attempts=3, what="reading", base_delay=0.05) == 1
     assert len(calls) == 3
     gaps = [later - earlier for earlier, later in zip(calls, calls[1:], strict=False)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.10  # exponential: base, then twice the base
