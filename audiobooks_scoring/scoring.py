@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from sqlalchemy import Engine, delete, text
+from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.exc import DBAPIError
+from threadpoolctl import threadpool_limits
 
 from audiobooks_scoring.contract import (
     ACTIVITY_COLUMNS,
@@ -26,12 +29,22 @@ from audiobooks_scoring.contract import (
     rejected_frame,
     validate_chunk,
 )
-from audiobooks_scoring.model import DenseWeights, predict_probability, reason_contributions
+from audiobooks_scoring.model import (
+    DenseLayer,
+    DenseWeights,
+    activate,
+    as_model_input,
+    forward_layers,
+)
 from audiobooks_scoring.monitoring import DriftAccumulator, FeatureProfile
 from audiobooks_scoring.preprocessing import Preprocessing
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import (
+    CodedColumn,
+    ColumnWriter,
     WarehouseTables,
+    bulk_writer,
+    is_postgres,
     load_source_sql,
     qualified_name,
     query_columns,
@@ -65,6 +78,11 @@ REASON_LABELS: dict[str, str] = {
     "last_visit_days_after_purchase_low": "visited soon after purchase",
 }
 REASON_COUNT = 3
+# Every reason code, in FEATURES order: code 2*j is feature j's "_high", 2*j + 1 its "_low".
+REASON_CODE_VALUES: tuple[str, ...] = tuple(
+    f"{name}_{side}" for name in FEATURES for side in ("high", "low")
+)
+SCORING_BLOCK_ROWS = 4_096  # rows per block of the numpy forward passes (cache-sized)
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,7 @@ class StageResult:
     reject_samples: dict[str, str] = field(default_factory=dict)
     score_sum: float = 0.0
     model_seconds: float = 0.0
+    reason_seconds: float = 0.0
     drift: DriftAccumulator | None = None
 
     def merge(self, other: StageResult) -> StageResult:
@@ -102,6 +121,7 @@ class StageResult:
             reject_samples={**other.reject_samples, **self.reject_samples},
             score_sum=self.score_sum + other.score_sum,
             model_seconds=self.model_seconds + other.model_seconds,
+            reason_seconds=self.reason_seconds + other.reason_seconds,
             drift=self.drift,
         )
         if self.drift is not None and other.drift is not None:
@@ -125,26 +145,151 @@ def holdout_mask(customer_ids: np.ndarray, salt: str, share: float) -> np.ndarra
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
 
 
+def _row_blocks(rows: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def _run_blocks(work: Callable[[slice], None], rows: int, size: int, pool: Executor | None) -> None:
+    """Call `work` on consecutive row blocks, spread over `pool`'s threads when given."""
+    blocks = _row_blocks(rows, size)
+    if pool is None or len(blocks) < 2:
+        for block in blocks:
+            work(block)
+        return
+    for _ in pool.map(work, blocks):
+        pass
+
+
+def predict_probability_stable(
+    weights: DenseWeights,
+    X_scaled: np.ndarray,
+    batch_size: int = 65_536,
+    pool: Executor | None = None,
+) -> np.ndarray:
+    """P(converted) per row (float32), computed in float64 then rounded.
+
+    A float32 matrix product gives a row results that differ in the last bit with the
+    row's position in the batch; in float64 such differences stay below float32's
+    resolution, so a customer's score, rank and decile do not depend on how the
+    population is chunked or partitioned. Rows go in cache-sized blocks (at most
+    `batch_size`), over `pool`'s threads when given.
+    """
+    X = as_model_input(weights, X_scaled)
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    layers = [
+        DenseLayer(kernel.astype(np.float64), bias.astype(np.float64), activation)
+        for kernel, bias, activation in weights.layers
+    ]
+    result = np.empty(X.shape[0], dtype=np.float32)
+
+    def work(rows: slice) -> None:
+        result[rows] = forward_layers(X[rows].astype(np.float64), layers)[:, 0]
+
+    _run_blocks(work, X.shape[0], min(batch_size, SCORING_BLOCK_ROWS), pool)
+    return result
+
+
+def _block_contributions(
+    weights: DenseWeights, batch: np.ndarray, medians: np.ndarray
+) -> np.ndarray:
+    first, rest = weights.layers[0], weights.layers[1:]
+    contributions = np.zeros(batch.shape, dtype=np.float32)
+    pre_activation = batch @ first.kernel
+    pre_activation += first.bias
+    base = forward_layers(activate(pre_activation.copy(), first.activation), rest)[:, 0]
+    shift = medians[None, :] - batch
+    features, rows = np.nonzero(shift.T)
+    if len(rows):
+        moved = pre_activation[rows]
+        moved += shift[rows, features][:, None] * first.kernel[features]
+        moved_probability = forward_layers(activate(moved, first.activation), rest)[:, 0]
+        contributions[rows, features] = base[rows] - moved_probability
+    return contributions
+
+
+def reason_contributions_fast(
+    weights: DenseWeights,
+    X_scaled: np.ndarray,
+    medians_scaled: np.ndarray,
+    pool: Executor | None = None,
+) -> np.ndarray:
+    """n x features: p(x) minus p(x with that one feature at its median); > 0 raises the score.
+
+    The counterfactual of `model.reason_contributions`, computed only where a feature
+    differs from its median (elsewhere it is exactly 0): the moved first-layer
+    pre-activations of every (row, feature) pair of a block go through the rest of the
+    network in one matrix product.
+    """
+    X = as_model_input(weights, X_scaled)
+    medians = np.asarray(medians_scaled, dtype=np.float32).reshape(-1)
+    if medians.shape[0] != weights.input_size:
+        raise ValueError(
+            f"medians_scaled has {medians.shape[0]} values; expected {weights.input_size}"
+        )
+    contributions = np.empty(X.shape, dtype=np.float32)
+
+    def work(rows: slice) -> None:
+        contributions[rows] = _block_contributions(weights, X[rows], medians)
+
+    _run_blocks(work, X.shape[0], SCORING_BLOCK_ROWS, pool)
+    return contributions
+
+
+def reason_code_indices(
+    contributions: np.ndarray, raw: np.ndarray, medians: np.ndarray
+) -> np.ndarray:
+    """Per row, indices into `REASON_CODE_VALUES` of the (up to) three top reasons, -1 for none.
+
+    The top three are the largest contributions, ties going to the earlier feature (as a
+    stable sort would); a reason is given only when its contribution is above 0.
+    """
+    remaining = np.array(contributions, dtype=np.float32, copy=True)
+    rows = np.arange(len(remaining))
+    indices = np.full((len(remaining), REASON_COUNT), -1, dtype=np.int8)
+    for slot in range(min(REASON_COUNT, remaining.shape[1])):
+        chosen = np.argmax(remaining, axis=1)
+        value = remaining[rows, chosen]
+        above = raw[rows, chosen] > medians[chosen]
+        code = 2 * chosen + np.where(above, 0, 1)
+        indices[:, slot] = np.where(value > 0, code, -1)
+        remaining[rows, chosen] = -np.inf
+    return indices
+
+
 def reason_codes(contributions: np.ndarray, raw: np.ndarray, medians: np.ndarray) -> np.ndarray:
     """The codes of the (up to) three features that raise each row's score most, else None."""
-    order = np.argsort(-contributions, axis=1, kind="stable")[:, :REASON_COUNT]
-    rows = np.arange(len(contributions))[:, None]
-    chosen = contributions[rows, order]
-    above = raw[rows, order] > medians[order]
-    names = np.array(FEATURES, dtype=object)
-    codes = np.where(above, names[order] + "_high", names[order] + "_low").astype(object)
-    codes[chosen <= 0] = None
-    return codes
+    return decode_reasons(reason_code_indices(contributions, raw, medians))
+
+
+def decode_reasons(indices: np.ndarray) -> np.ndarray:
+    """Reason code indices (-1 for none) as an object array of codes (None for none)."""
+    lookup = np.array([*REASON_CODE_VALUES, None], dtype=object)
+    return lookup[np.where(indices < 0, len(REASON_CODE_VALUES), indices)]
+
+
+def score_reasons(
+    model: ScoringModel, raw: np.ndarray, scaled: np.ndarray, pool: Executor | None = None
+) -> np.ndarray:
+    """Reason code indices (n x 3, -1 for none) of raw rows and their scaled model input."""
+    X = as_model_input(model.weights, scaled)
+    medians = np.asarray(model.preprocessing.medians, dtype=np.float64)
+    medians_scaled = model.preprocessing.medians_scaled()
+    indices = np.empty((X.shape[0], REASON_COUNT), dtype=np.int8)
+
+    def work(rows: slice) -> None:
+        contributions = _block_contributions(model.weights, X[rows], medians_scaled)
+        indices[rows] = reason_code_indices(contributions, raw[rows], medians)
+
+    _run_blocks(work, X.shape[0], SCORING_BLOCK_ROWS, pool)
+    return indices
 
 
 def score_features(model: ScoringModel, raw: np.ndarray, batch_size: int) -> tuple:
     """Probabilities and reason codes (n x 3) for raw feature rows in FEATURES order."""
     scaled = model.preprocessing.transform(raw)
-    probability = predict_probability(model.weights, scaled, batch_size=batch_size)
-    medians = np.asarray(model.preprocessing.medians, dtype=np.float64)
-    medians_scaled = model.preprocessing.transform(medians[None, :])[0]
-    contributions = reason_contributions(model.weights, scaled, medians_scaled)
-    return probability, reason_codes(contributions, raw, medians)
+    probability = predict_probability_stable(model.weights, scaled, batch_size=batch_size)
+    return probability, decode_reasons(score_reasons(model, raw, scaled))
 
 
 def population_sql(engine: Engine, tables: WarehouseTables, partition: int, partitions: int) -> str:
@@ -185,47 +330,31 @@ def stage_population(
     partitions: int = 1,
     on_chunk: Callable[[StageResult], None] | None = None,
 ) -> StageResult:
-    """Stream one partition of the population: validate, score, stage results and rejects."""
+    """Stream one partition of the population: validate, score, stage results and rejects.
+
+    Memory is bounded by the chunk size. The staged rows go to the warehouse through one
+    binary COPY that the server ingests while the next chunk is read and scored (they are
+    committed together at the end; rejects are committed per chunk). The numpy forward
+    passes run on one thread per core, with single-threaded BLAS.
+    """
     params: dict = {"as_of": as_of}
     if partitions > 1:
         params.update(partitions=partitions, partition=partition)
     sql = population_sql(engine, tables, partition, partitions)
     types = population_column_types(engine, sql, params)
     result = StageResult(drift=DriftAccumulator(model.profile) if model.profile else None)
-    for chunk in stream_query(engine, sql, params, settings.chunk_size, types):
-        now = datetime.now(UTC)
-        checked = validate_chunk(chunk[list(ACTIVITY_COLUMNS)], run_id, now)
-        valid = checked.valid
-        raw = valid[list(FEATURES)].to_numpy(dtype=np.float64)
-        started = time.perf_counter()
-        probability, codes = score_features(model, raw, settings.predict_batch_size)
-        result.model_seconds += time.perf_counter() - started
-        ids = valid[CUSTOMER_ID].to_numpy(dtype=np.int64)
-        staged = pd.DataFrame(
-            {
-                "run_id": run_id,
-                CUSTOMER_ID: ids,
-                WINDOW_END: valid[WINDOW_END].to_numpy() if WINDOW_END in valid else None,
-                "probability": probability.astype(np.float64),
-                "holdout": holdout_mask(ids, settings.holdout_salt, settings.holdout_share),
-                "reason_1": codes[:, 0],
-                "reason_2": codes[:, 1],
-                "reason_3": codes[:, 2],
-                "partition_no": partition,
-            }
-        )
-        with engine.begin() as conn:
-            write_frame(conn, tables.staging, staged)
-            write_frame(conn, tables.rejected, checked.rejected)
-        result.rows_in += len(chunk)
-        result.rows_scored += len(valid)
-        result.rows_rejected += len(checked.rejected)
-        _count_rejects(result, checked.rejected)
-        result.score_sum += float(probability.sum())
-        if result.drift is not None:
-            result.drift.add(raw, probability)
-        if on_chunk is not None:
-            on_chunk(result)
+    with (
+        ThreadPoolExecutor(max_workers=scoring_threads(), thread_name_prefix="scoring") as pool,
+        threadpool_limits(limits=1, user_api="blas"),
+        bulk_writer(engine, tables.staging) as staging,
+    ):
+        for chunk in stream_query(engine, sql, params, settings.chunk_size, types):
+            outcome = _stage_chunk(
+                engine, tables, model, settings, run_id, partition, chunk, pool, staging
+            )
+            _count_chunk(result, len(chunk), outcome)
+            if on_chunk is not None:
+                on_chunk(result)
     logger.info(
         "partition %s/%s staged: %s rows in, %s scored, %s rejected",
         partition + 1,
@@ -235,6 +364,89 @@ def stage_population(
         result.rows_rejected,
     )
     return result
+
+
+def scoring_threads() -> int:
+    """Threads for the forward passes: one per available core, at most four."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+@dataclass
+class _ChunkOutcome:
+    """What one staged chunk adds to the run's counts and drift."""
+
+    rows_scored: int
+    rejected: pd.DataFrame
+    probability: np.ndarray
+    raw: np.ndarray
+    model_seconds: float
+    reason_seconds: float
+
+
+def _stage_chunk(
+    engine: Engine,
+    tables: WarehouseTables,
+    model: ScoringModel,
+    settings: Settings,
+    run_id: str,
+    partition: int,
+    chunk: pd.DataFrame,
+    pool: Executor,
+    staging: ColumnWriter,
+) -> _ChunkOutcome:
+    """Validate and score one chunk, hand its rows to the staging writer, commit its rejects."""
+    now = datetime.now(UTC)
+    checked = validate_chunk(chunk[list(ACTIVITY_COLUMNS)], run_id, now)
+    valid = checked.valid
+    raw = valid[list(FEATURES)].to_numpy(dtype=np.float64)
+    started = time.perf_counter()
+    scaled = model.preprocessing.transform(raw)
+    probability = predict_probability_stable(
+        model.weights, scaled, settings.predict_batch_size, pool
+    )
+    scored = time.perf_counter()
+    reasons = score_reasons(model, raw, scaled, pool)
+    reasoned = time.perf_counter()
+    ids = valid[CUSTOMER_ID].to_numpy(dtype=np.int64)
+    staged = {
+        "run_id": run_id,
+        CUSTOMER_ID: ids,
+        WINDOW_END: _coded(valid[WINDOW_END]) if WINDOW_END in valid else None,
+        "probability": probability.astype(np.float64),
+        "holdout": holdout_mask(ids, settings.holdout_salt, settings.holdout_share),
+        "partition_no": partition,
+    }
+    for slot in range(REASON_COUNT):
+        staged[f"reason_{slot + 1}"] = CodedColumn(reasons[:, slot], REASON_CODE_VALUES)
+    staging.write(staged, len(valid))
+    if not checked.rejected.empty:
+        with engine.begin() as conn:
+            write_frame(conn, tables.rejected, checked.rejected)
+    return _ChunkOutcome(
+        len(valid), checked.rejected, probability, raw, scored - started, reasoned - scored
+    )
+
+
+def _count_chunk(result: StageResult, rows_in: int, outcome: _ChunkOutcome) -> None:
+    result.rows_in += rows_in
+    result.rows_scored += outcome.rows_scored
+    result.rows_rejected += len(outcome.rejected)
+    _count_rejects(result, outcome.rejected)
+    result.score_sum += float(outcome.probability.sum(dtype=np.float64))
+    result.model_seconds += outcome.model_seconds
+    result.reason_seconds += outcome.reason_seconds
+    if result.drift is not None:
+        result.drift.add(outcome.raw, outcome.probability)
+
+
+def _coded(column: pd.Series) -> CodedColumn:
+    """A column of few distinct values (window ends) as codes, NULL where missing."""
+    codes, uniques = pd.factorize(column.to_numpy(), use_na_sentinel=True)
+    return CodedColumn(codes, tuple(uniques))
 
 
 def _count_rejects(result: StageResult, rejected: pd.DataFrame) -> None:
@@ -248,9 +460,18 @@ def _count_rejects(result: StageResult, rejected: pd.DataFrame) -> None:
 
 
 def clear_staging(engine: Engine, tables: WarehouseTables, run_id: str) -> int:
-    """Remove every staged row (leftovers of killed runs too) and this run's earlier rejects."""
+    """Remove every staged row (leftovers of killed runs too) and this run's earlier rejects.
+
+    On PostgreSQL the staging table is truncated (no dead rows left behind; the run lock
+    keeps other runs away); the count comes first.
+    """
     with engine.begin() as conn:
-        removed = conn.execute(delete(tables.staging)).rowcount
+        if is_postgres(conn):
+            removed = conn.execute(select(func.count()).select_from(tables.staging)).scalar_one()
+            if removed:
+                conn.execute(text(f"TRUNCATE {qualified_name(conn, tables.staging)}"))
+        else:
+            removed = conn.execute(delete(tables.staging)).rowcount
         conn.execute(delete(tables.rejected).where(tables.rejected.c.run_id == run_id))
     return int(removed or 0)
 
@@ -324,6 +545,7 @@ def account_duplicates(result: StageResult, duplicates: int) -> StageResult:
         reject_samples=samples,
         score_sum=result.score_sum,
         model_seconds=result.model_seconds,
+        reason_seconds=result.reason_seconds,
         drift=result.drift,
     )
 

@@ -40,8 +40,9 @@ def run_scoring(
                 engine, tables, run_id, as_of, settings.chunk_size
             )
             result = scoring.account_duplicates(result, duplicates)
-            scoring.check_run_gates(result, settings.max_reject_share)
             figures = scoring.run_figures(result, model.version)
+            publishing.record_run_end(engine, tables, run_id, **figures)  # counts kept on failure
+            scoring.check_run_gates(result, settings.max_reject_share)
             published = publishing.publish_scores(
                 engine, tables, settings, run_id, model.version, datetime.now(UTC), publish
             )

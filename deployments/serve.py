@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 def read_deployments(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
@@ -59,7 +57,6 @@ def serve_deployments() -> None:
     """Serve the nightly scoring and on-demand retrain deployments until interrupted."""
     from prefect import serve
 
-    os.chdir(PROJECT_DIR)
     serve(*build_runner_deployments())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -23,6 +24,9 @@ from audiobooks_scoring.settings import Settings, load_settings
 from audiobooks_scoring.warehouse import Warehouse, init_warehouse, open_warehouse
 from flows.common import scheduled_date, scoring_run_name
 from flows.retrain_model import retrain_model
+
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
 
 TASK_OPTIONS = {"persist_result": False, "cache_policy": NO_CACHE}
 DRIFT_ALERT_EVENT = "audiobooks.scoring.drift-alert"
@@ -176,15 +180,51 @@ def ensure_champion(store: ModelStore, settings: Settings, logger) -> None:
         )
 
 
+def partition_task_runner(settings: Settings) -> DaskTaskRunner:
+    """The Dask runner of partitioned runs: the scheduler at `dask_address`, else a local cluster.
+
+    The temporary local cluster has `dask_workers` worker processes of one thread each (a
+    partition's scoring already uses every core it is given) and no dashboard.
+    """
+    from prefect_dask import DaskTaskRunner  # imports dask.distributed: only when partitioned
+
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": settings.dask_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
 def stage_all(settings, model, run_id, as_of, partitions: int) -> scoring.StageResult:
-    """Stage every partition (as concurrent tasks when partitioned) and merge their counts."""
+    """Stage every partition and merge their counts; partitions run as tasks on Dask.
+
+    Each partition task streams its hash bucket of the population straight from the
+    warehouse and stages it there; only the settings, the model (a few kB of weights) and
+    the counts travel through Dask. Ranking and publication happen once, afterwards.
+    """
     if partitions == 1:
         return stage_population(settings, model, run_id, as_of, 0, 1)
-    futures = [
-        stage_population.submit(settings, model, run_id, as_of, partition, partitions)
-        for partition in range(partitions)
-    ]
-    results = [future.result() for future in futures]
+    with partition_task_runner(settings) as runner:
+        futures = [
+            runner.submit(
+                stage_population,
+                parameters={
+                    "settings": settings,
+                    "model": model,
+                    "run_id": run_id,
+                    "as_of": as_of,
+                    "partition": partition,
+                    "partitions": partitions,
+                },
+            )
+            for partition in range(partitions)
+        ]
+        results = [future.result() for future in futures]
     merged = results[0]
     for other in results[1:]:
         merged = merged.merge(other)
@@ -232,6 +272,7 @@ def _score_locked(logger, settings, warehouse, store, run_id, as_of, publish) ->
             result.rows_rejected,
             dict(result.reject_counts),
         )
+        record_run(warehouse, run_id, scoring.run_figures(result, model.version))
         check_run_gates(result, settings)
         figures = scoring.run_figures(result, model.version)
         published = publish_target_list(warehouse, settings, run_id, model.version, publish)

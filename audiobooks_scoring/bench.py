@@ -1,0 +1,471 @@
+"""The benchmark behind `audiobooks-scoring bench`: the floor, the pipeline and a naive pipeline.
+
+All three run in one process on the same warehouse and the same population:
+
+- floor: the population's columns copied out and a result of the same shape (customer id,
+  probability, rank, decile, run id, scored at) copied back into a scratch table with the
+  engine's bulk path (binary COPY on PostgreSQL), no scoring. Nothing can be faster.
+- pipeline: what the `score_customers` flow does between loading the model and the report,
+  as plain library calls: clear the staging table, stage the population (stream, validate,
+  score, reason codes, holdout), reject duplicate ids, check the run gates, rank and publish
+  atomically. Process start-up, Prefect and model loading are not timed.
+- naive: what a notebook would do: `pandas.read_sql` of the table, Keras `model.predict`
+  at its default batch size, `DataFrame.to_sql`. Above `NAIVE_SAMPLE_ROWS` rows it runs on
+  that many rows and its time is scaled up linearly (the report says so).
+
+The bench owns its warehouse: it fills an empty one with demo customers (or one it filled
+before, recognised by its ledger row) and refuses to touch input tables it did not fill.
+Point it at a schema or database of its own (`AUDIOBOOKS_WAREHOUSE_SCHEMA=bench`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Double,
+    Engine,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    func,
+    select,
+    text,
+)
+
+from audiobooks_scoring import lifecycle, publishing, scoring
+from audiobooks_scoring.contract import CUSTOMER_ID, FEATURES
+from audiobooks_scoring.demo_data import BLOCK_ROWS
+from audiobooks_scoring.loading import load_demo_data
+from audiobooks_scoring.model_store import ModelStore
+from audiobooks_scoring.preprocessing import Preprocessing
+from audiobooks_scoring.settings import Settings
+from audiobooks_scoring.warehouse import (
+    Warehouse,
+    bulk_writer,
+    init_warehouse,
+    is_postgres,
+    load_source_sql,
+    stream_copy_rows,
+    stream_query,
+)
+
+logger = logging.getLogger(__name__)
+
+BENCH_AS_OF = date(2026, 1, 1)
+BENCH_SEED = 7
+BENCH_RUN_ID = "bench"
+DATA_MARKER_RUN_ID = "bench-demo-data"
+NAIVE_SAMPLE_ROWS = 200_000
+TRAINING_SAMPLE_ROWS = 20_000
+NEW_CUSTOMER_SHARE = 0.1  # demo activity adds this share of new customers to the returning
+
+
+class BenchError(RuntimeError):
+    """The bench cannot run on this warehouse (it would overwrite data it did not load)."""
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """Times of the floor, the pipeline and the naive pipeline on one population."""
+
+    customers: int
+    dialect: str
+    machine: str
+    floor_s: float
+    pipeline_s: float
+    naive_s: float
+    naive_rows: int
+    model_rows_per_s: float
+    reason_rows_per_s: float
+    peak_rss_mb: float
+    pipeline_peak_rss_mb: float | None
+    pipeline_steps: dict[str, float] = field(default_factory=dict)
+    rows_scored: int = 0
+    rows_rejected: int = 0
+
+    @property
+    def naive_sampled(self) -> bool:
+        """Whether the naive pipeline ran on a sample and was scaled up."""
+        return self.naive_rows < self.customers
+
+    @property
+    def pipeline_over_floor(self) -> float:
+        """How many times the floor the pipeline takes."""
+        return self.pipeline_s / self.floor_s
+
+    @property
+    def naive_over_pipeline(self) -> float:
+        """How many times faster than the naive pipeline the pipeline is."""
+        return self.naive_s / self.pipeline_s
+
+    def rows_per_s(self, seconds: float) -> float:
+        """Population rows per second for a time over the whole population."""
+        return self.customers / seconds if seconds > 0 else float("inf")
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures as plain JSON values (the keys `--json` prints)."""
+        figures = asdict(self)
+        figures.update(
+            pipeline_over_floor=round(self.pipeline_over_floor, 3),
+            naive_over_pipeline=round(self.naive_over_pipeline, 3),
+            naive_sampled=self.naive_sampled,
+        )
+        return {
+            key: round(value, 3) if isinstance(value, float) else value
+            for key, value in figures.items()
+        }
+
+    def describe(self) -> str:
+        """A plain-text report: rows per second of each path, ratios, model speed, memory."""
+        naive_note = (
+            f"measured on {self.naive_rows:,} rows, scaled x{self.customers / self.naive_rows:.1f}"
+            if self.naive_sampled
+            else "measured on every row"
+        )
+        lines = [
+            f"bench: {self.customers:,} customers on {self.dialect} ({self.machine})",
+            f"  floor     {self.floor_s:8.2f} s  {self.rows_per_s(self.floor_s):>12,.0f} rows/s"
+            "  (bulk copy out and back, no scoring)",
+            f"  pipeline  {self.pipeline_s:8.2f} s  {self.rows_per_s(self.pipeline_s):>12,.0f}"
+            " rows/s  (stage, duplicates, gates, rank and publish)",
+            f"  naive     {self.naive_s:8.2f} s  {self.rows_per_s(self.naive_s):>12,.0f} rows/s"
+            f"  (read_sql, predict, to_sql; {naive_note})",
+            f"  pipeline / floor = {self.pipeline_over_floor:.2f}x;"
+            f" naive / pipeline = {self.naive_over_pipeline:.1f}x",
+            f"  model step {self.model_rows_per_s:,.0f} rows/s (forward pass);"
+            f" reason codes {self.reason_rows_per_s:,.0f} rows/s",
+            "  pipeline steps: "
+            + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.pipeline_steps.items()),
+            f"  peak RSS {self.peak_rss_mb:,.0f} MB"
+            + (
+                f" (pipeline alone {self.pipeline_peak_rss_mb:,.0f} MB)"
+                if self.pipeline_peak_rss_mb is not None
+                else ""
+            ),
+        ]
+        return "\n".join(lines)
+
+
+def run_bench(settings: Settings, customers: int, repeats: int = 1) -> BenchReport:
+    """Fill the warehouse if needed, then time the floor, the pipeline and the naive path.
+
+    With `repeats` > 1 every path runs that many times and the best time is kept.
+    """
+    warehouse = init_warehouse(settings)
+    try:
+        rows = ensure_bench_data(warehouse, customers, settings.chunk_size)
+        model = ensure_champion(warehouse, settings)
+        floor_s = min(measure_floor(warehouse, settings.chunk_size) for _ in range(repeats))
+        runs = [measure_pipeline(warehouse, settings, model) for _ in range(repeats)]
+        pipeline = min(runs, key=lambda run: run.seconds)
+        naive_rows = min(rows, NAIVE_SAMPLE_ROWS)
+        naive_s = min(measure_naive(warehouse, settings, naive_rows) for _ in range(repeats))
+    finally:
+        warehouse.engine.dispose()
+    result = pipeline.result
+    return BenchReport(
+        customers=rows,
+        dialect=warehouse.engine.dialect.name,
+        machine=describe_machine(),
+        floor_s=floor_s,
+        pipeline_s=pipeline.seconds,
+        naive_s=naive_s * rows / naive_rows,
+        naive_rows=naive_rows,
+        model_rows_per_s=result.rows_scored / max(result.model_seconds, 1e-9),
+        reason_rows_per_s=result.rows_scored / max(result.reason_seconds, 1e-9),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        pipeline_peak_rss_mb=max((run.peak_rss_mb or 0.0) for run in runs) or None,
+        pipeline_steps=pipeline.steps,
+        rows_scored=result.rows_scored,
+        rows_rejected=result.rows_rejected,
+    )
+
+
+def describe_machine() -> str:
+    """CPU model and count, memory and OS, for the report."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        total_kb = int(meminfo.read_text().split()[1])
+        memory = f", {total_kb / 1024**2:.0f} GB RAM"
+    return f"{os.cpu_count()} x {cpu}{memory}, {platform.system()} {platform.release()}"
+
+
+def demo_returning_customers(customers: int) -> int:
+    """Returning demo customers whose activity, with the new ones, is closest to `customers`."""
+    returning = round(customers / (1 + NEW_CUSTOMER_SHARE))
+    return min(
+        (returning - 1, returning, returning + 1),
+        key=lambda candidate: abs(demo_population(candidate) - customers),
+    )
+
+
+def demo_population(returning: int) -> int:
+    """Rows of the demo activity of `returning` customers (new customers included)."""
+    return returning + round(returning * NEW_CUSTOMER_SHARE)
+
+
+def ensure_bench_data(warehouse: Warehouse, customers: int, chunk_size: int) -> int:
+    """Rows of the bench population, loading demo customers first when needed.
+
+    The demo population is `customers` rows, or the nearest count the demo generator makes
+    (returning customers plus a tenth of new ones). Loads when the population differs and
+    the input tables are empty or were filled by an earlier bench; else raises `BenchError`.
+    """
+    engine, tables = warehouse.engine, warehouse.tables
+    current = scoring.count_population(engine, tables, BENCH_AS_OF)
+    returning = demo_returning_customers(customers)
+    if current == demo_population(returning):
+        return current
+    with engine.connect() as conn:
+        activity_rows = conn.execute(select(func.count()).select_from(tables.activity)).scalar()
+        marked = conn.execute(
+            select(func.count()).where(tables.runs.c.run_id == DATA_MARKER_RUN_ID)
+        ).scalar()
+    if activity_rows and not marked:
+        raise BenchError(
+            f"the warehouse already holds {activity_rows} activity rows that the bench did not "
+            "load; run the bench on a schema or database of its own (for example "
+            "AUDIOBOOKS_WAREHOUSE_SCHEMA=bench)"
+        )
+    logger.info("loading %s demo customers for the bench", customers)
+    started = time.perf_counter()
+    # The mark goes first, so that a load cut short can be redone by the next bench.
+    publishing.record_run_start(engine, tables, DATA_MARKER_RUN_ID, BENCH_AS_OF, None, "bench")
+    load_demo_data(warehouse, returning, BENCH_SEED, BENCH_AS_OF, max(chunk_size, BLOCK_ROWS))
+    rows = scoring.count_population(engine, tables, BENCH_AS_OF)
+    publishing.record_run_end(
+        engine,
+        tables,
+        DATA_MARKER_RUN_ID,
+        rows_in=rows,
+        message=f"demo data loaded by the bench in {time.perf_counter() - started:.0f} s",
+    )
+    with engine.begin() as conn:
+        if is_postgres(conn):
+            conn.execute(text(f"ANALYZE {tables.activity.fullname}"))
+    return rows
+
+
+def ensure_champion(warehouse: Warehouse, settings: Settings) -> scoring.ScoringModel:
+    """The store's champion, after training a quick one on demo training rows if there is none."""
+    store = ModelStore(settings.model_store_path)
+    version = store.champion()
+    if version is None:
+        sql = load_source_sql("training_examples", warehouse.engine, warehouse.tables)
+        chunks = stream_query(
+            warehouse.engine, sql, {"as_of": BENCH_AS_OF}, TRAINING_SAMPLE_ROWS, None
+        )
+        frame = next(iter(chunks))
+        chunks.close()
+        data = lifecycle.training_data_from_frame(frame)
+        challenger = lifecycle.train_challenger(data, settings.recipe, settings.seed)
+        version = lifecycle.save_challenger(store, data, challenger, BENCH_AS_OF)
+        lifecycle.judge_challenger(store, data, challenger, version, settings, force=True)
+    return lifecycle.load_scoring_model(store, version)
+
+
+def floor_table(warehouse: Warehouse) -> Table:
+    """The scratch table of the floor: the six columns a published score row needs."""
+    return Table(
+        "bench_floor",
+        MetaData(schema=warehouse.tables.metadata.schema),
+        Column(CUSTOMER_ID, BigInteger, nullable=False),
+        Column("probability", Double, nullable=False),
+        Column("rank", BigInteger, nullable=False),
+        Column("decile", SmallInteger, nullable=False),
+        Column("run_id", String(80), nullable=False),
+        Column("scored_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+def measure_floor(warehouse: Warehouse, chunk_size: int) -> float:
+    """Seconds to copy the population out and a same-sized six-column result back in."""
+    engine, tables = warehouse.engine, warehouse.tables
+    scratch = floor_table(warehouse)
+    scratch.drop(engine, checkfirst=True)
+    scratch.create(engine)
+    sql = load_source_sql("customer_activity", engine, tables)
+    scored_at = datetime.now(UTC)
+    started = time.perf_counter()
+    copied = 0
+    with bulk_writer(engine, scratch) as out:
+        for ids in _population_ids(engine, sql, chunk_size):
+            count = len(ids)
+            out.write(
+                {
+                    CUSTOMER_ID: ids,
+                    "probability": np.full(count, 0.5),
+                    "rank": np.arange(copied + 1, copied + count + 1, dtype=np.int64),
+                    "decile": np.full(count, 1, dtype=np.int16),
+                    "run_id": BENCH_RUN_ID,
+                    "scored_at": scored_at,
+                },
+                count,
+            )
+            copied += count
+    seconds = time.perf_counter() - started
+    scratch.drop(engine)
+    logger.info("floor: %s rows out and back in %.2f s", copied, seconds)
+    return seconds
+
+
+def _population_ids(engine: Engine, sql: str, chunk_size: int):
+    """Customer ids of the population per chunk, read with the engine's bulk path."""
+    params = {"as_of": BENCH_AS_OF}
+    if not is_postgres(engine):
+        for chunk in stream_query(engine, sql, params, chunk_size, None):
+            yield chunk[CUSTOMER_ID].to_numpy(dtype=np.int64)
+        return
+    for rows in stream_copy_rows(engine, sql, params, chunk_size):
+        yield _binary_ids(rows)
+
+
+def _binary_ids(rows: list) -> np.ndarray:
+    """The leading bigint of each binary COPY row (the customer id; 0 where NULL)."""
+    width = len(rows[0])
+    if all(len(row) == width for row in rows):
+        layout = np.dtype(
+            [("head", "V2"), ("length", ">i4"), ("id", ">i8"), ("rest", f"V{width - 14}")]
+        )
+        data = np.frombuffer(b"".join(rows), dtype=layout)
+        return np.where(data["length"] == 8, data["id"], 0).astype(np.int64)
+    ids = np.zeros(len(rows), dtype=np.int64)
+    for index, row in enumerate(rows):
+        if int.from_bytes(row[2:6], "big", signed=True) == 8:
+            ids[index] = int.from_bytes(row[6:14], "big", signed=True)
+    return ids
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """One timed pipeline run."""
+
+    seconds: float
+    steps: dict[str, float]
+    result: scoring.StageResult
+    peak_rss_mb: float | None
+
+
+def measure_pipeline(
+    warehouse: Warehouse, settings: Settings, model: scoring.ScoringModel
+) -> PipelineRun:
+    """Time the flow's library calls from clearing the staging table to the atomic swap."""
+    engine, tables = warehouse.engine, warehouse.tables
+    with engine.begin() as conn:  # a fresh history, like a run of a new day
+        conn.execute(tables.history.delete().where(tables.history.c.run_id == BENCH_RUN_ID))
+    steps: dict[str, float] = {}
+    reset_peak_rss()
+    with publishing.RunLock(engine, tables):
+        publishing.record_run_start(engine, tables, BENCH_RUN_ID, BENCH_AS_OF, None)
+        started = time.perf_counter()
+        mark = started
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            steps[name] = round(now - mark, 3)
+            mark = now
+
+        scoring.clear_staging(engine, tables, BENCH_RUN_ID)
+        step("clear")
+        result = scoring.stage_population(
+            engine, tables, model, settings, BENCH_RUN_ID, BENCH_AS_OF
+        )
+        step("stage")
+        duplicates = scoring.reject_duplicates(
+            engine, tables, BENCH_RUN_ID, BENCH_AS_OF, settings.chunk_size
+        )
+        result = scoring.account_duplicates(result, duplicates)
+        scoring.check_run_gates(result, settings.max_reject_share)
+        step("duplicates")
+        publishing.publish_scores(
+            engine, tables, settings, BENCH_RUN_ID, model.version, datetime.now(UTC)
+        )
+        step("publish")
+        seconds = time.perf_counter() - started
+        publishing.record_run_end(
+            engine,
+            tables,
+            BENCH_RUN_ID,
+            status="succeeded",
+            published=True,
+            **scoring.run_figures(result, model.version),
+        )
+    logger.info("pipeline: %s rows in %.2f s %s", result.rows_in, seconds, steps)
+    return PipelineRun(seconds, steps, result, peak_rss_mb())
+
+
+def measure_naive(warehouse: Warehouse, settings: Settings, rows: int) -> float:
+    """Seconds of a notebook's pipeline on `rows` rows: read_sql, predict, to_sql."""
+    import keras  # noqa: F401 - imported before the clock starts, like a warm notebook
+
+    engine, tables = warehouse.engine, warehouse.tables
+    store = ModelStore(settings.model_store_path)
+    stored = store.load_version(store.champion())
+    preprocessing = Preprocessing.from_json(stored.preprocessing_json)
+    schema = tables.metadata.schema
+    source = load_source_sql("customer_activity", engine, tables)
+    query = text(f"SELECT * FROM ({source}) AS population LIMIT :rows")
+    started = time.perf_counter()
+    frame = pd.read_sql(query, engine, params={"as_of": BENCH_AS_OF, "rows": rows})
+    features = preprocessing.transform(frame[list(FEATURES)].to_numpy(dtype=np.float64))
+    output = stored.model.predict(features, verbose=0)
+    probability = output[:, -1]
+    result = pd.DataFrame({CUSTOMER_ID: frame[CUSTOMER_ID], "probability": probability})
+    result["rank"] = result["probability"].rank(ascending=False, method="first").astype(int)
+    result["decile"] = np.ceil(10 * result["rank"] / len(result)).astype(int)
+    result["run_id"] = BENCH_RUN_ID
+    result["scored_at"] = datetime.now(UTC)
+    result.to_sql("bench_naive", engine, schema=schema, if_exists="replace", index=False)
+    seconds = time.perf_counter() - started
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {_qualified(engine, schema, 'bench_naive')}"))
+    logger.info("naive: %s rows in %.2f s", len(frame), seconds)
+    return seconds
+
+
+def _qualified(engine: Engine, schema: str | None, name: str) -> str:
+    preparer = engine.dialect.identifier_preparer
+    return f"{preparer.quote_schema(schema)}.{preparer.quote(name)}" if schema else name
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark of this process (Linux), so a phase can be measured."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory since the last reset (Linux `VmHWM`), in MB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
