@@ -349,8 +349,9 @@ def ranked_scores_select(
             staging.c.reason_3,
             func.row_number().over(order_by=order).label("rank"),
             func.ntile(10).over(order_by=order).label("decile"),
-            func.row_number()
-            .over(partition_by=staging.c.holdout, order_by=order)
+            func.count()
+            .filter(not_(staging.c.holdout))
+            .over(order_by=order, rows=(None, 0))
             .label("campaign_rank"),
         )
         .where(staging.c.run_id == run_id)
@@ -397,7 +398,6 @@ def _next_scores_table(tables: WarehouseTables) -> Table:
         name,
         metadata,
         *[Column(c.name, c.type, nullable=c.nullable) for c in score_columns()],
-        Index(f"{name}_customer"[:60], CUSTOMER_ID, unique=True),
     )
 
 
@@ -501,9 +501,14 @@ def _publish_postgres(
     def build_next() -> int:
         with engine.begin() as conn:
             check_run_lock(conn, tables)
+            conn.execute(text("SET LOCAL work_mem = '256MB'"))  # the ranking sort in memory
+            conn.execute(text("SET LOCAL jit = off"))
             next_table.drop(conn, checkfirst=True)
             next_table.create(conn)
             rows = conn.execute(insert(next_table).from_select(columns, ranked)).rowcount
+            Index(  # built once after the load: faster than maintained row by row
+                f"{next_table.name}_customer"[:60], next_table.c[CUSTOMER_ID], unique=True
+            ).create(conn)
             conn.execute(text(f"ANALYZE {qualified_name(conn, next_table)}"))
         return int(rows)
 

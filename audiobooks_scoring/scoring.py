@@ -482,16 +482,20 @@ def reject_duplicates(
     """Move every staged copy of a customer id staged more than once to `rejected_rows`."""
     duplicated = render_sql("scoring/duplicated_customers", engine, tables).strip()
     with engine.connect() as conn:
-        if conn.execute(text(f"{duplicated} LIMIT 1"), {"run_id": run_id}).first() is None:
-            return 0
+        ids = {int(row[0]) for row in conn.execute(text(duplicated), {"run_id": run_id})}
+    if not ids:
+        return 0
     source = load_source_sql("customer_activity", engine, tables)
-    params = {"as_of": as_of, "run_id": run_id}
-    sql = f"SELECT * FROM ({source}) AS population WHERE population.{CUSTOMER_ID} IN ({duplicated})"
+    params = {"as_of": as_of}
+    wanted = np.fromiter(ids, dtype=np.int64, count=len(ids))
     moved = 0
-    types = population_column_types(engine, sql, params)
-    for chunk in stream_query(engine, sql, params, chunk_size, types):
+    types = population_column_types(engine, source, params)
+    for chunk in stream_query(engine, source, params, chunk_size, types):
         now = datetime.now(UTC)
-        copies = validate_chunk(chunk[list(ACTIVITY_COLUMNS)], run_id, now).valid
+        valid = validate_chunk(chunk[list(ACTIVITY_COLUMNS)], run_id, now).valid
+        copies = valid[np.isin(valid[CUSTOMER_ID].to_numpy(dtype=np.int64), wanted)]
+        if copies.empty:
+            continue
         rejected = rejected_frame(
             copies,
             ["duplicate_customer_id"] * len(copies),
@@ -503,12 +507,17 @@ def reject_duplicates(
             write_frame(conn, tables.rejected, rejected)
         moved += len(rejected)
     with engine.begin() as conn:
-        conn.execute(
+        deleted = conn.execute(
             text(
                 f"DELETE FROM {qualified_name(conn, tables.staging)} "
                 f"WHERE run_id = :run_id AND {CUSTOMER_ID} IN ({duplicated})"
             ),
             {"run_id": run_id},
+        ).rowcount
+    if deleted != moved:
+        raise RunGateError(
+            f"duplicate accounting broken: {deleted} staged copies removed but {moved} "
+            f"rows recorded as rejected"
         )
     logger.info("rejected %s staged rows whose customer id is duplicated", moved)
     return moved

@@ -197,13 +197,8 @@ def test_text_in_numeric_columns_is_parsed_or_rejected_row_by_row(
 
 
 def test_duplicate_customer_ids_in_a_text_id_column_are_rejected(
-    settings, warehouse, scoring_model, dialect, request
+    settings, warehouse, scoring_model
 ):
-    if dialect == "postgres":
-        # Known bug, reported with its fix: scoring.reject_duplicates compares the source's
-        # customer_id with the staged BIGINT ids in SQL (`text = bigint` fails on PostgreSQL).
-        # Remove this marker once reject_duplicates matches the ids in Python.
-        request.applymarker(pytest.mark.xfail(strict=True, raises=ContractError))
     table = text_activity_table(warehouse)
     good = [{**GOOD, CUSTOMER_ID: str(i), "price_avg": "10"} for i in range(1, 400)]
     copies = [{**GOOD, CUSTOMER_ID: "700001", "price_avg": "10"}] * 2
