@@ -160,7 +160,7 @@ def publish_run_report(
     return str(report.html_path)
 
 
-def ensure_champion(store: ModelStore, settings: Settings, logger) -> None:
+def ensure_champion(store: ModelStore, settings: Settings, as_of: date, logger) -> None:
     """Run the retrain flow as a subflow when there is no champion or it is too old."""
     age = lifecycle.champion_age_days(store)
     if age is None:
@@ -171,7 +171,7 @@ def ensure_champion(store: ModelStore, settings: Settings, logger) -> None:
         )
     else:
         return
-    version = retrain_model()
+    version = retrain_model(as_of=as_of)
     if store.champion() is None:
         raise RuntimeError(
             f"no champion model: the retrain stored {version} as a challenger without promoting "
@@ -257,7 +257,7 @@ def _score_locked(logger, settings, warehouse, store, run_id, as_of, publish) ->
     if removed:
         logger.info("removed %s staged rows left by an earlier run", removed)
     try:
-        ensure_champion(store, settings, logger)
+        ensure_champion(store, settings, as_of, logger)
         model = load_champion(store)
         logger.info(
             "champion model %s loaded (holdout AUC %s)", model.version, model.metrics.get("auc")
