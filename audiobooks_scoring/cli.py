@@ -365,7 +365,7 @@ def _print_top(warehouse, top: int) -> None:
         table.add_column(column)
     for row in frame.itertuples(index=False):
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
-    console.print(table, width=max(console.width, 150))
+    Console(width=max(console.width, 150)).print(table)
 
 
 @app.command()
