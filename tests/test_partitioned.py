@@ -14,6 +14,7 @@ from audiobooks_scoring.loading import load_demo_data
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import init_warehouse, read_frame, write_frame
 from tests.conftest import make_settings
+from tests.test_scoring_integration import VALID_ROW
 
 AS_OF = date(2026, 11, 25)
 CUSTOMERS = 2_000
@@ -29,19 +30,7 @@ def prefect_harness():
 
 def odd_rows() -> pd.DataFrame:
     """Rows that partitions must handle like the single process: rejects and a duplicate id."""
-    base = {
-        WINDOW_END: AS_OF,
-        "book_length_avg_min": 1620.0,
-        "book_length_total_min": 1620.0,
-        "price_avg": 10.0,
-        "price_total": 10.0,
-        "review": 0.0,
-        "review_score": 8.91,
-        "completion": 0.5,
-        "minutes_listened": 810.0,
-        "support_requests": 0.0,
-        "last_visit_days_after_purchase": 3.0,
-    }
+    base = {**VALID_ROW, WINDOW_END: AS_OF}
     rows = [
         {**base, CUSTOMER_ID: 900_001, "completion": 1.5},
         {**base, CUSTOMER_ID: 900_002, "price_avg": None},

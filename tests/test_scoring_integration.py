@@ -33,20 +33,23 @@ def scores_dump(warehouse) -> pd.DataFrame:
     return read_frame(warehouse.engine, select(scores).order_by(scores.c.rank))
 
 
+VALID_ROW = {
+    WINDOW_END: date(2026, 11, 1),
+    "book_length_avg_min": 1620.0,
+    "book_length_total_min": 1620.0,
+    "price_avg": 10.0,
+    "price_total": 10.0,
+    "review": 0.0,
+    "review_score": 8.91,
+    "completion": 0.5,
+    "minutes_listened": 810.0,
+    "support_requests": 0.0,
+    "last_visit_days_after_purchase": 3.0,
+}
+
+
 def bad_rows() -> pd.DataFrame:
-    base = {
-        WINDOW_END: date(2026, 11, 1),
-        "book_length_avg_min": 1620.0,
-        "book_length_total_min": 1620.0,
-        "price_avg": 10.0,
-        "price_total": 10.0,
-        "review": 0.0,
-        "review_score": 8.91,
-        "completion": 0.5,
-        "minutes_listened": 810.0,
-        "support_requests": 0.0,
-        "last_visit_days_after_purchase": 3.0,
-    }
+    base = VALID_ROW
     changes = [
         {"price_avg": None},
         {"completion": float("nan")},
