@@ -53,14 +53,16 @@ from audiobooks_scoring.demo_data import BLOCK_ROWS
 from audiobooks_scoring.loading import load_demo_data
 from audiobooks_scoring.model_store import ModelStore
 from audiobooks_scoring.preprocessing import Preprocessing
+from audiobooks_scoring.ranking import spill_runs
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import (
+    CopyChunk,
     Warehouse,
     bulk_writer,
     init_warehouse,
     is_postgres,
     load_source_sql,
-    stream_copy_rows,
+    stream_copy_chunks,
     stream_query,
 )
 
@@ -339,23 +341,26 @@ def _population_ids(engine: Engine, sql: str, chunk_size: int):
         for chunk in stream_query(engine, sql, params, chunk_size, None):
             yield chunk[CUSTOMER_ID].to_numpy(dtype=np.int64)
         return
-    for rows in stream_copy_rows(engine, sql, params, chunk_size):
-        yield _binary_ids(rows)
+    for chunk in stream_copy_chunks(engine, sql, params, chunk_size):
+        yield _binary_ids(chunk)
 
 
-def _binary_ids(rows: list) -> np.ndarray:
+def _binary_ids(chunk: CopyChunk) -> np.ndarray:
     """The leading bigint of each binary COPY row (the customer id; 0 where NULL)."""
-    width = len(rows[0])
-    if all(len(row) == width for row in rows):
-        layout = np.dtype(
-            [("head", "V2"), ("length", ">i4"), ("id", ">i8"), ("rest", f"V{width - 14}")]
-        )
-        data = np.frombuffer(b"".join(rows), dtype=layout)
-        return np.where(data["length"] == 8, data["id"], 0).astype(np.int64)
-    ids = np.zeros(len(rows), dtype=np.int64)
-    for index, row in enumerate(rows):
+    layout = np.dtype(
+        [("head", "V2"), ("length", ">i4"), ("id", ">i8"), ("rest", f"V{chunk.width - 14}")]
+    )
+    data = np.frombuffer(chunk.data, dtype=layout)
+    regular = np.where(data["length"] == 8, data["id"], 0).astype(np.int64)
+    if not chunk.irregular:
+        return regular
+    ids = np.zeros(chunk.rows, dtype=np.int64)
+    placed = np.ones(chunk.rows, dtype=bool)
+    for position, row in chunk.irregular:
+        placed[position] = False
         if int.from_bytes(row[2:6], "big", signed=True) == 8:
-            ids[index] = int.from_bytes(row[6:14], "big", signed=True)
+            ids[position] = int.from_bytes(row[6:14], "big", signed=True)
+    ids[placed] = regular
     return ids
 
 
@@ -374,8 +379,6 @@ def measure_pipeline(
 ) -> PipelineRun:
     """Time the flow's library calls from clearing the staging table to the atomic swap."""
     engine, tables = warehouse.engine, warehouse.tables
-    with engine.begin() as conn:  # a fresh history, like a run of a new day
-        conn.execute(tables.history.delete().where(tables.history.c.run_id == BENCH_RUN_ID))
     steps: dict[str, float] = {}
     reset_peak_rss()
     with publishing.RunLock(engine, tables):
@@ -391,19 +394,25 @@ def measure_pipeline(
 
         scoring.clear_staging(engine, tables, BENCH_RUN_ID)
         step("clear")
+        runs = spill_runs(settings.data_dir / "spill")
         result = scoring.stage_population(
-            engine, tables, model, settings, BENCH_RUN_ID, BENCH_AS_OF
+            engine, tables, model, settings, BENCH_RUN_ID, BENCH_AS_OF, runs=runs
         )
         step("stage")
-        duplicates = scoring.reject_duplicates(
-            engine, tables, BENCH_RUN_ID, BENCH_AS_OF, settings.chunk_size
+        built = publishing.build_target_list(
+            engine,
+            tables,
+            settings,
+            BENCH_RUN_ID,
+            model.version,
+            datetime.now(UTC),
+            BENCH_AS_OF,
+            runs,
         )
-        result = scoring.account_duplicates(result, duplicates)
+        result = scoring.account_duplicates(result, built.duplicates)
         scoring.check_run_gates(result, settings.max_reject_share)
-        step("duplicates")
-        publishing.publish_scores(
-            engine, tables, settings, BENCH_RUN_ID, model.version, datetime.now(UTC)
-        )
+        step("rank")
+        publishing.publish_target_list(engine, tables, settings, built)
         step("publish")
         seconds = time.perf_counter() - started
         publishing.record_run_end(

@@ -343,7 +343,7 @@ def demo(
 def _print_top(warehouse, top: int) -> None:
     from sqlalchemy import select
 
-    from audiobooks_scoring.warehouse import read_frame
+    from audiobooks_scoring.warehouse import read_frame, reasons_column
 
     scores = warehouse.tables.scores
     frame = read_frame(
@@ -355,7 +355,7 @@ def _print_top(warehouse, top: int) -> None:
             scores.c.decile,
             scores.c.is_target,
             scores.c.holdout,
-            scores.c.reasons,
+            reasons_column(),
         )
         .order_by(scores.c.rank)
         .limit(top),

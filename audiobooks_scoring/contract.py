@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -39,6 +40,33 @@ NON_NEGATIVE: tuple[str, ...] = (
     "minutes_listened",
     "support_requests",
     "last_visit_days_after_purchase",
+)
+
+# Reason codes of a score: code 2*j is feature j's "_high", 2*j + 1 its "_low".
+SCORE_REASON_LABELS: dict[str, str] = {
+    "book_length_avg_min_high": "buys long books",
+    "book_length_avg_min_low": "buys short books",
+    "book_length_total_min_high": "has bought many hours of audio",
+    "book_length_total_min_low": "has bought few hours of audio",
+    "price_avg_high": "pays high prices per book",
+    "price_avg_low": "pays low prices per book",
+    "price_total_high": "has spent a lot in total",
+    "price_total_low": "has spent little in total",
+    "review_high": "left a review",
+    "review_low": "has not left a review",
+    "review_score_high": "rated their books highly",
+    "review_score_low": "rated their books low",
+    "completion_high": "listened to most of what they bought",
+    "completion_low": "listened to little of what they bought",
+    "minutes_listened_high": "listened for many minutes",
+    "minutes_listened_low": "listened for few minutes",
+    "support_requests_high": "contacted support",
+    "support_requests_low": "has not needed support",
+    "last_visit_days_after_purchase_high": "visited long after purchase",
+    "last_visit_days_after_purchase_low": "visited soon after purchase",
+}
+SCORE_REASON_CODES: tuple[str, ...] = tuple(
+    f"{name}_{side}" for name in FEATURES for side in ("high", "low")
 )
 
 REASON_CODES: dict[str, str] = {
@@ -78,10 +106,16 @@ def check_columns(columns: list[str] | tuple[str, ...], required: tuple[str, ...
     return [name for name in columns if name not in required]
 
 
-def _numeric(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Float values of a column and a mask of non-null values that were not numbers."""
+def _numeric(column: pd.Series) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float values of a column and a mask of non-null values that were not numbers (or None).
+
+    A numpy float or integer column is read as is (a view, not to be written to) and can hold
+    no text, so its mask is None.
+    """
+    if isinstance(column.dtype, np.dtype) and column.dtype.kind in "fiu":
+        return column.to_numpy(dtype=np.float64), None
     if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        return column.to_numpy(dtype="float64", na_value=np.nan), np.zeros(len(column), bool)
+        return column.to_numpy(dtype="float64", na_value=np.nan), None
     coerced = pd.to_numeric(column, errors="coerce")
     values = coerced.to_numpy(dtype="float64", na_value=np.nan, copy=True)
     text = column.notna().to_numpy() & np.isnan(values)
@@ -100,79 +134,121 @@ def _numeric(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         index = np.flatnonzero(text)
         values[index[known]] = spelled[known].map(special).to_numpy(dtype="float64")
         text[index[known]] = False
-    return values, text
+    return values, text if text.any() else None
+
+
+def _row_rules(
+    ids: np.ndarray,
+    id_text: np.ndarray | None,
+    values: dict[str, np.ndarray],
+    texts: dict[str, np.ndarray | None],
+) -> Iterator[tuple[np.ndarray, str, str]]:
+    """The contract's row rules in precedence order: (mask of failing rows, code, detail).
+
+    Every rule is elementwise, so it gives the same answer on all rows or on a subset.
+    """
+    bad_id = ~np.isfinite(ids) | (ids != np.round(ids))
+    if id_text is not None:
+        bad_id |= id_text
+    yield bad_id, "missing_customer_id", f"{CUSTOMER_ID}: {REASON_CODES['missing_customer_id']}"
+    for name in FEATURES:
+        if texts[name] is not None:
+            yield texts[name], "not_numeric", f"{name}: not a number"
+    for name in FEATURES:
+        yield np.isnan(values[name]), "missing_value", f"{name}: missing"
+    for name in FEATURES:
+        yield np.isinf(values[name]), "infinite_value", f"{name}: infinite"
+    for name in NON_NEGATIVE:
+        yield values[name] < 0, "negative_value", f"{name}: negative"
+    completion = values["completion"]
+    yield (
+        (completion < 0) | (completion > 1),
+        "completion_out_of_range",
+        "completion: outside [0, 1]",
+    )
+    review = values["review"]
+    yield (
+        (review != 0.0) & (review != 1.0) & np.isfinite(review),
+        "review_not_binary",
+        "review: not 0 or 1",
+    )
+    score = values["review_score"]
+    yield (
+        (score < 1) | (score > 10),
+        "review_score_out_of_range",
+        "review_score: outside [1, 10]",
+    )
+    yield (
+        values["book_length_avg_min"] > values["book_length_total_min"] + 1e-9,
+        "average_above_total",
+        "book_length_avg_min > book_length_total_min",
+    )
+    yield (
+        values["price_avg"] > values["price_total"] + 1e-9,
+        "average_above_total",
+        "price_avg > price_total",
+    )
 
 
 def validate_chunk(frame: pd.DataFrame, run_id: str, rejected_at) -> ChunkValidation:
-    """Split a population chunk into contract-passing rows and rejected rows with reason codes."""
-    count = len(frame)
-    reason = np.full(count, "", dtype=object)
-    detail = np.full(count, "", dtype=object)
+    """Split a population chunk into contract-passing rows and rejected rows with reason codes.
 
-    def flag(mask: np.ndarray, code: str, text_of) -> None:
-        new = mask & (reason == "")
-        if new.any():
-            reason[new] = code
-            detail[new] = text_of(new)
-
+    A row is rejected with the first rule it fails. All rules are checked vectorised on every
+    row first; reasons are then worked out on the rejected rows only.
+    """
     ids, id_text = _numeric(frame[CUSTOMER_ID])
-    bad_id = np.isnan(ids) | id_text | ~np.isfinite(ids) | (ids != np.round(ids))
-    flag(
-        bad_id,
-        "missing_customer_id",
-        lambda m: f"{CUSTOMER_ID}: {REASON_CODES['missing_customer_id']}",
-    )
+    values: dict[str, np.ndarray] = {}
+    texts: dict[str, np.ndarray | None] = {}
+    for name in FEATURES:
+        values[name], texts[name] = _numeric(frame[name])
 
-    values = {}
-    for name in FEATURES:
-        column, text = _numeric(frame[name])
-        values[name] = column
-        flag(text, "not_numeric", lambda m, n=name: f"{n}: not a number")
-    for name in FEATURES:
-        flag(np.isnan(values[name]), "missing_value", lambda m, n=name: f"{n}: missing")
-    for name in FEATURES:
-        flag(np.isinf(values[name]), "infinite_value", lambda m, n=name: f"{n}: infinite")
+    bad = np.zeros(len(frame), dtype=bool)
     with np.errstate(invalid="ignore"):
-        for name in NON_NEGATIVE:
-            flag(values[name] < 0, "negative_value", lambda m, n=name: f"{n}: negative")
-        completion = values["completion"]
-        flag(
-            (completion < 0) | (completion > 1),
-            "completion_out_of_range",
-            lambda m: "completion: outside [0, 1]",
-        )
-        flag(
-            ~np.isin(values["review"], (0.0, 1.0)) & np.isfinite(values["review"]),
-            "review_not_binary",
-            lambda m: "review: not 0 or 1",
-        )
-        score = values["review_score"]
-        flag(
-            (score < 1) | (score > 10),
-            "review_score_out_of_range",
-            lambda m: "review_score: outside [1, 10]",
-        )
-        flag(
-            values["book_length_avg_min"] > values["book_length_total_min"] + 1e-9,
-            "average_above_total",
-            lambda m: "book_length_avg_min > book_length_total_min",
-        )
-        flag(
-            values["price_avg"] > values["price_total"] + 1e-9,
-            "average_above_total",
-            lambda m: "price_avg > price_total",
-        )
+        for mask, _, _ in _row_rules(ids, id_text, values, texts):
+            bad |= mask
+    rejected = np.flatnonzero(bad)
+    reason = np.full(len(rejected), "", dtype=object)
+    detail = np.full(len(rejected), "", dtype=object)
+    if len(rejected):
+        assigned = np.zeros(len(rejected), dtype=bool)
+        subset = {name: column[rejected] for name, column in values.items()}
+        subset_texts = {
+            name: None if text is None else text[rejected] for name, text in texts.items()
+        }
+        subset_id_text = None if id_text is None else id_text[rejected]
+        with np.errstate(invalid="ignore"):
+            rules = _row_rules(ids[rejected], subset_id_text, subset, subset_texts)
+            for mask, code, text in rules:
+                new = mask & ~assigned
+                if new.any():
+                    reason[new] = code
+                    detail[new] = text
+                    assigned |= new
 
-    bad = reason != ""
-    clean = pd.DataFrame({CUSTOMER_ID: ids[~bad].astype(np.int64)})
-    if WINDOW_END in frame.columns:
-        clean[WINDOW_END] = as_dates(frame[WINDOW_END].to_numpy()[~bad])
-    for name in FEATURES:
-        clean[name] = values[name][~bad]
+    if len(rejected):
+        keep = ~bad
+        columns = {CUSTOMER_ID: ids[keep].astype(np.int64)}
+        if WINDOW_END in frame.columns:
+            columns[WINDOW_END] = as_dates(frame[WINDOW_END].to_numpy()[keep])
+        columns.update({name: values[name][keep] for name in FEATURES})
+    else:
+        columns = {CUSTOMER_ID: ids.astype(np.int64)}
+        if WINDOW_END in frame.columns:
+            dates = frame[WINDOW_END]
+            columns[WINDOW_END] = _unless_shared(dates, as_dates(dates.to_numpy()))
+        columns.update({name: _unless_shared(frame[name], values[name]) for name in FEATURES})
+    clean = pd.DataFrame(columns, copy=False)
     return ChunkValidation(
         valid=clean,
-        rejected=rejected_frame(frame[bad], reason[bad], detail[bad], run_id, rejected_at),
+        rejected=rejected_frame(frame.iloc[rejected], reason, detail, run_id, rejected_at),
     )
+
+
+def _unless_shared(column: pd.Series, values: np.ndarray) -> pd.Series | np.ndarray:
+    """`column` renumbered from 0 (no copy) if `values` are its numpy values, else `values`."""
+    if column.dtype == values.dtype and np.may_share_memory(column.to_numpy(), values):
+        return column.reset_index(drop=True)
+    return values
 
 
 def as_dates(values: np.ndarray) -> np.ndarray:
@@ -188,17 +264,20 @@ def rejected_frame(
 ) -> pd.DataFrame:
     """Rows for the `rejected_rows` table: run id, customer id, reason code and text, raw values."""
     columns = [name for name in ACTIVITY_COLUMNS if name in rows.columns]
-    raw = rows[columns].astype(object).where(rows[columns].notna(), None)
-    raw_json = [
-        json.dumps({key: _json_value(value) for key, value in zip(columns, record, strict=True)})
-        for record in raw.itertuples(index=False, name=None)
-    ]
+    raw_json: list[str] = []
+    ids: list | None = [] if CUSTOMER_ID in columns else None
+    if len(rows):  # an empty chunk of rejects skips the (fixed) cost of the object frame
+        raw = rows[columns].astype(object).where(rows[columns].notna(), None)
+        raw_json = [
+            json.dumps({key: _json_value(v) for key, v in zip(columns, record, strict=True)})
+            for record in raw.itertuples(index=False, name=None)
+        ]
+        if ids is not None:
+            ids = [None if v is None else str(_json_value(v)) for v in raw[CUSTOMER_ID]]
     return pd.DataFrame(
         {
             "run_id": run_id,
-            CUSTOMER_ID: [None if v is None else str(_json_value(v)) for v in raw[CUSTOMER_ID]]
-            if CUSTOMER_ID in raw
-            else None,
+            CUSTOMER_ID: ids,
             "reason_code": list(reason_codes),
             "reason": list(details),
             "raw_values": raw_json,

@@ -66,15 +66,17 @@ class Preprocessing:
                 f"expected a 2-D array with {len(self.features)} feature columns "
                 f"({', '.join(self.features)}); got shape {shape}"
             )
-        # One private float64 copy, then in-place steps: the caller's array is never modified.
-        values = np.array(X, dtype=np.float64, order="C", copy=True)
+        # One private float64 copy, feature by feature (features x rows, so that every step
+        # runs over contiguous values), then in-place steps: the caller's array is never
+        # modified. Each value goes through the same operations as row by row.
+        values = np.array(np.asarray(X).T, dtype=np.float64, order="C", copy=True)
         for column in np.flatnonzero(self.log1p_mask):
-            view = values[:, column]
-            np.maximum(view, 0.0, out=view)
-            np.log1p(view, out=view)
-        values -= np.asarray(self.mean)
-        values /= np.asarray(self.scale)
-        return values.astype(np.float32)
+            row = values[column]
+            np.maximum(row, 0.0, out=row)
+            np.log1p(row, out=row)
+        values -= np.asarray(self.mean)[:, None]
+        values /= np.asarray(self.scale)[:, None]
+        return np.array(values.T, dtype=np.float32, order="C")
 
     def medians_scaled(self) -> np.ndarray:
         """Return the training medians in model-input space (float32, length 10)."""

@@ -1,12 +1,18 @@
-"""Publication: the one-run-at-a-time lock, the run ledger and the atomic swap of the list.
+"""Publication: the one-run-at-a-time lock, the run ledger, building and swapping in the list.
 
 Decisions (each covered by tests/test_reliability_*.py):
-- PostgreSQL builds `<scores>_next` in its own transaction, then swaps it in with renames in one
-  transaction under `SET LOCAL lock_timeout`; a reader's long transaction delays the swap by at
-  most the lock timeout per attempt, and readers always see one whole list. SQLite replaces the
-  rows in one transaction (WAL readers keep their snapshot).
-- A killed run leaves at most `<scores>_next` and staged rows, which the next run replaces; its
-  ledger row, still `running`, is marked `abandoned` by the next run (one ledger per list).
+- A run's list is built as `<scores>_next` beside the live one: from sorted runs merged on
+  the scoring machine (one process) or ranked in the warehouse from staging (partitions).
+  Its unique index on customer id is the duplicate check.
+- PostgreSQL: the history is partitioned by run id and every run's list is written once.
+  The built table holds the ranked columns; the run's constants are catalog defaults. The
+  swap, one transaction under `SET LOCAL lock_timeout`, renames the live table to its history
+  partition name, renames the built table to `customer_scores` and attaches it as the run's
+  history partition; a re-run replaces its own partition. A reader's long transaction delays
+  the swap by at most the lock timeout per attempt, and readers always see one whole list.
+  SQLite copies the built rows into the list and the history in one transaction.
+- A killed run leaves at most `<scores>_next`, staged rows or spill files, which the next
+  run replaces; its ledger row, still `running`, is marked `abandoned` by the next run.
 - The run lock lives in a database session. Publication re-checks that this process's session
   still holds it, so a run whose session was lost fails instead of publishing unguarded.
 - Privileges granted on the list and its views (e.g. the ad team's SELECT) are re-granted on
@@ -30,6 +36,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from sqlalchemy import (
     Column,
     Engine,
@@ -50,18 +57,20 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from audiobooks_scoring.contract import CUSTOMER_ID, WINDOW_END
-from audiobooks_scoring.scoring import REASON_LABELS
+from audiobooks_scoring.contract import CUSTOMER_ID, SCORE_REASON_CODES, WINDOW_END
+from audiobooks_scoring.ranking import SortedRuns, ranked_columns
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import (
+    RANKED_COLUMNS,
     VIEW_NAMES,
+    CodedColumn,
     WarehouseTables,
+    bulk_writer,
     create_views,
     drop_views,
     is_postgres,
     qualified_name,
     render_sql,
-    score_columns,
 )
 
 logger = logging.getLogger(__name__)
@@ -267,6 +276,21 @@ class PublishResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class TargetList:
+    """A run's ranked list, built beside the live one and not yet published."""
+
+    run_id: str
+    rows: int
+    targets: int
+    duplicates: int
+    seconds: float
+
+
+class DuplicateCustomers(RuntimeError):
+    """The staged rows hold a customer id more than once (the list's unique index failed)."""
+
+
 def record_run_start(
     engine: Engine,
     tables: WarehouseTables,
@@ -327,17 +351,33 @@ def campaign_condition(settings: Settings, non_holdout_count: int, campaign_rank
     return campaign_rank <= limit
 
 
+def decile_bounds(population: int) -> list[int]:
+    """The last rank of deciles 1..9 of `ntile(10)` over `population` ranked rows."""
+    size, larger = divmod(population, 10)
+    bounds, last = [], 0
+    for decile in range(9):
+        last += size + (1 if decile < larger else 0)
+        bounds.append(last)
+    return bounds
+
+
 def ranked_scores_select(
     tables: WarehouseTables,
     settings: Settings,
     run_id: str,
-    model_version: str,
-    scored_at: datetime,
+    population: int,
     non_holdout_count: int,
+    constants: dict[str, Any] | None = None,
 ):
-    """SELECT of the run's staged rows with rank, decile, target flag and reason labels."""
+    """SELECT of a run's staged rows with rank, decile and target flag (one sort, one window).
+
+    Rank is 1 for the most likely buyer (ties: lower customer id first); deciles are
+    `ntile(10)` of the rank, computed from the known population. `constants` (model
+    version, run id, scored at) are added as literal columns when given.
+    """
     staging = tables.staging
     order = (staging.c.probability.desc(), staging.c[CUSTOMER_ID].asc())
+    running = {"order_by": order, "rows": (None, 0)}
     ranked = (
         select(
             staging.c[CUSTOMER_ID],
@@ -347,25 +387,18 @@ def ranked_scores_select(
             staging.c.reason_1,
             staging.c.reason_2,
             staging.c.reason_3,
-            func.row_number().over(order_by=order).label("rank"),
-            func.ntile(10).over(order_by=order).label("decile"),
-            func.count()
-            .filter(not_(staging.c.holdout))
-            .over(order_by=order, rows=(None, 0))
-            .label("campaign_rank"),
+            func.count().over(**running).label("rank"),
+            func.count().filter(not_(staging.c.holdout)).over(**running).label("campaign_rank"),
         )
         .where(staging.c.run_id == run_id)
         .subquery("ranked")
     )
-
-    def label(code_column):
-        return case(REASON_LABELS, value=code_column)
-
-    separator = literal("; ")
-    reasons = (
-        label(ranked.c.reason_1)
-        + func.coalesce(separator + label(ranked.c.reason_2), literal(""))
-        + func.coalesce(separator + label(ranked.c.reason_3), literal(""))
+    decile = case(
+        *[
+            (ranked.c.rank <= bound, index + 1)
+            for index, bound in enumerate(decile_bounds(population))
+        ],
+        else_=10,
     )
     is_target = and_(
         not_(ranked.c.holdout),
@@ -373,31 +406,35 @@ def ranked_scores_select(
             settings, non_holdout_count, ranked.c.campaign_rank, ranked.c.probability
         ),
     )
-    return select(
+    columns = [
         ranked.c[CUSTOMER_ID],
         ranked.c[WINDOW_END],
         ranked.c.probability,
         ranked.c.rank,
-        ranked.c.decile,
+        decile.label("decile"),
         case((is_target, True), else_=False).label("is_target"),
         ranked.c.holdout,
         ranked.c.reason_1,
         ranked.c.reason_2,
         ranked.c.reason_3,
-        reasons.label("reasons"),
-        literal(model_version).label("model_version"),
-        literal(run_id).label("run_id"),
-        literal(scored_at, type_=tables.scores.c.scored_at.type).label("scored_at"),
-    )
+    ]
+    for name, value in (constants or {}).items():
+        columns.append(literal(value, type_=tables.scores.c[name].type).label(name))
+    return select(*columns)
 
 
-def _next_scores_table(tables: WarehouseTables) -> Table:
+def next_scores_table(tables: WarehouseTables, narrow: bool) -> Table:
+    """`<scores>_next`, where a run's list is built; `narrow`: without the run's constants."""
     metadata = MetaData(schema=tables.metadata.schema)
-    name = f"{tables.scores.name}_next"[:60]
+    wanted = RANKED_COLUMNS if narrow else [c.name for c in tables.scores.columns]
     return Table(
-        name,
+        f"{tables.scores.name}_next"[:60],
         metadata,
-        *[Column(c.name, c.type, nullable=c.nullable) for c in score_columns()],
+        *[
+            Column(c.name, c.type, nullable=c.nullable)
+            for c in tables.scores.columns
+            if c.name in wanted
+        ],
     )
 
 
@@ -412,15 +449,258 @@ def pause_at(stage: str) -> None:
         time.sleep(seconds)
 
 
-def count_non_holdout(engine: Engine, tables: WarehouseTables, run_id: str) -> int:
-    """Number of staged, non-holdout rows of a run."""
+def count_staged(engine: Engine, tables: WarehouseTables, run_id: str) -> tuple[int, int]:
+    """Staged rows of a run, and how many of them are not in the holdout."""
     staging = tables.staging
     with engine.connect() as conn:
-        return int(
-            conn.execute(
-                select(func.count()).where(staging.c.run_id == run_id, not_(staging.c.holdout))
-            ).scalar_one()
+        total, non_holdout = conn.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(case((not_(staging.c.holdout), 1), else_=0)), 0),
+            ).where(staging.c.run_id == run_id)
+        ).one()
+    return int(total), int(non_holdout)
+
+
+def _failed_publication(error: DBAPIError, settings: Settings, run_id: str, what: str) -> Exception:
+    kind = (
+        f"transient error still failing after {settings.publish_retries} retries"
+        if is_transient(error)
+        else "error that is not retried"
+    )
+    first_line = (str(error.orig).strip().splitlines() or ["?"])[0]
+    return PublicationError(
+        f"run {run_id} was not {what} ({kind}: {type(error.orig).__name__}: "
+        f"{first_line}); the previous list is untouched"
+    )
+
+
+def build_target_list(
+    engine: Engine,
+    tables: WarehouseTables,
+    settings: Settings,
+    run_id: str,
+    model_version: str,
+    scored_at: datetime,
+    as_of: date,
+    runs: SortedRuns | None = None,
+) -> TargetList:
+    """Rank the run's scored rows into `<scores>_next`, beside the live list, ready to publish.
+
+    Rows spilled as sorted `runs` are merged on this machine and written once, in rank
+    order; otherwise the warehouse ranks the staged rows (partitioned runs). The list's
+    unique index on customer id doubles as the duplicate check: when it fails, every copy of
+    a duplicated id is moved to `rejected_rows` and the list is built again from staging.
+    On PostgreSQL the table holds the ranked columns only; the run's constants (model
+    version, run id, scored at) are column defaults kept in the catalog, not in every row.
+    """
+    from audiobooks_scoring.scoring import reject_duplicates
+
+    started = time.perf_counter()
+    constants = {"model_version": model_version, "run_id": run_id, "scored_at": scored_at}
+    if runs is not None:
+        try:
+            rows, targets = with_retries(
+                lambda: _build_from_runs(engine, tables, settings, runs, constants),
+                settings.publish_retries,
+                "building the new list",
+            )
+            runs.remove()
+            return TargetList(run_id, rows, targets, 0, time.perf_counter() - started)
+        except DuplicateCustomers:
+            logger.warning("a customer id was scored twice; ranking again in the warehouse")
+            _stage_runs(engine, tables, runs, run_id)
+            runs.remove()
+        except DBAPIError as error:
+            raise _failed_publication(error, settings, run_id, "built") from error
+    build = _build_postgres if is_postgres(engine) else _build_sqlite
+    duplicates = 0
+    for attempt in range(2):
+        population, non_holdout = count_staged(engine, tables, run_id)
+        ranked = ranked_scores_select(tables, settings, run_id, population, non_holdout)
+        try:
+            rows, targets = with_retries(
+                lambda ranked=ranked: build(engine, tables, ranked, constants),
+                settings.publish_retries,
+                "building the new list",
+            )
+            break
+        except DuplicateCustomers:
+            if attempt:
+                raise
+            duplicates = reject_duplicates(engine, tables, run_id, as_of, settings.chunk_size)
+        except DBAPIError as error:
+            raise _failed_publication(error, settings, run_id, "built") from error
+    return TargetList(run_id, rows, targets, duplicates, time.perf_counter() - started)
+
+
+def _build_from_runs(
+    engine: Engine,
+    tables: WarehouseTables,
+    settings: Settings,
+    runs: SortedRuns,
+    constants: dict[str, Any],
+) -> tuple[int, int]:
+    postgres = is_postgres(engine)
+    next_table = next_scores_table(tables, narrow=postgres)
+    with engine.begin() as conn:
+        check_run_lock(conn, tables)
+        next_table.drop(conn, checkfirst=True)
+        next_table.create(conn)
+    rows = targets = 0
+    with bulk_writer(engine, next_table) as writer:
+        for columns, count in ranked_columns(runs, settings):
+            if not postgres:
+                columns.update(constants)
+            writer.write(columns, count)
+            rows += count
+            targets += int(np.count_nonzero(columns["is_target"]))
+    with engine.begin() as conn:
+        check_run_lock(conn, tables)
+        if postgres:
+            _add_run_constants(conn, tables, next_table, constants)
+        _create_customer_index(conn, next_table)
+        if postgres:
+            conn.execute(text(f"ANALYZE {qualified_name(conn, next_table)}"))
+    return rows, targets
+
+
+def _stage_runs(engine: Engine, tables: WarehouseTables, runs: SortedRuns, run_id: str) -> None:
+    """Copy spilled rows into the staging table (to rank them in the warehouse instead)."""
+    with bulk_writer(engine, tables.staging) as writer:
+        for block in runs.merged():
+            columns = {
+                "run_id": run_id,
+                CUSTOMER_ID: block[CUSTOMER_ID],
+                WINDOW_END: CodedColumn(
+                    block["window_end"].astype(np.int64), tuple(runs.window_ends)
+                ),
+                "probability": block["probability"],
+                "holdout": block["holdout"].astype(bool),
+                "partition_no": 0,
+            }
+            for name in ("reason_1", "reason_2", "reason_3"):
+                columns[name] = CodedColumn(block[name].astype(np.int64), SCORE_REASON_CODES)
+            writer.write(columns, len(block))
+
+
+def _unique_violation(error: DBAPIError) -> bool:
+    state = _sqlstate(error)
+    if state:
+        return state == "23505"
+    return "unique" in str(getattr(error, "orig", error)).lower()
+
+
+def _create_customer_index(conn: Connection, table: Table) -> None:
+    try:
+        with conn.begin_nested():
+            Index(f"{table.name}_customer"[:60], table.c[CUSTOMER_ID], unique=True).create(conn)
+    except DBAPIError as error:
+        if _unique_violation(error):
+            raise DuplicateCustomers(f"{table.name}: a customer id is staged twice") from error
+        raise
+
+
+def _count_targets(conn: Connection, table: Table) -> int:
+    return int(conn.execute(select(func.count()).where(table.c.is_target)).scalar_one())
+
+
+def _build_postgres(
+    engine: Engine, tables: WarehouseTables, ranked, constants: dict[str, Any]
+) -> tuple[int, int]:
+    next_table = next_scores_table(tables, narrow=True)
+    with engine.begin() as conn:
+        check_run_lock(conn, tables)
+        conn.execute(text("SET LOCAL work_mem = '256MB'"))  # the ranking sort in memory
+        conn.execute(text("SET LOCAL jit = off"))
+        next_table.drop(conn, checkfirst=True)
+        next_table.create(conn)
+        rows = conn.execute(insert(next_table).from_select(RANKED_COLUMNS, ranked)).rowcount
+        _add_run_constants(conn, tables, next_table, constants)
+        _create_customer_index(conn, next_table)
+        targets = _count_targets(conn, next_table)
+        conn.execute(text(f"ANALYZE {qualified_name(conn, next_table)}"))
+    return int(rows), targets
+
+
+def _add_run_constants(
+    conn: Connection, tables: WarehouseTables, table: Table, constants: dict[str, Any]
+) -> None:
+    """Add the run's constant columns as catalog defaults (no rewrite) and the partition check."""
+    name = qualified_name(conn, table)
+    preparer = conn.dialect.identifier_preparer
+    literals = {
+        column: _literal(conn, tables, column, value) for column, value in constants.items()
+    }
+    added = ", ".join(
+        f"ADD COLUMN {preparer.quote(column)} "
+        f"{tables.scores.c[column].type.compile(dialect=conn.dialect)} NOT NULL DEFAULT {value}"
+        for column, value in literals.items()
+    )
+    conn.execute(text(f"ALTER TABLE {name} {added}"))
+    dropped = ", ".join(
+        f"ALTER COLUMN {preparer.quote(column)} DROP DEFAULT" for column in literals
+    )
+    conn.execute(text(f"ALTER TABLE {name} {dropped}"))
+    check = preparer.quote(f"{table.name}_run"[:60])
+    conn.execute(
+        text(f"ALTER TABLE {name} ADD CONSTRAINT {check} CHECK (run_id = {literals['run_id']})")
+    )
+
+
+def _literal(conn: Connection, tables: WarehouseTables, column: str, value: Any) -> str:
+    return str(
+        literal(value, type_=tables.scores.c[column].type).compile(
+            dialect=conn.dialect, compile_kwargs={"literal_binds": True}
         )
+    )
+
+
+def _build_sqlite(
+    engine: Engine, tables: WarehouseTables, ranked, constants: dict[str, Any]
+) -> tuple[int, int]:
+    next_table = next_scores_table(tables, narrow=False)
+    with_constants = ranked.add_columns(
+        *[
+            literal(value, type_=tables.scores.c[name].type).label(name)
+            for name, value in constants.items()
+        ]
+    )
+    with engine.begin() as conn:
+        next_table.drop(conn, checkfirst=True)
+        next_table.create(conn)
+        columns = [c.name for c in next_table.columns]
+        rows = conn.execute(insert(next_table).from_select(columns, with_constants)).rowcount
+        _create_customer_index(conn, next_table)
+        targets = _count_targets(conn, next_table)
+    return int(rows), targets
+
+
+def discard_target_list(engine: Engine, tables: WarehouseTables) -> None:
+    """Drop a built but unpublished list (a run that fails its gates publishes nothing)."""
+    with engine.begin() as conn:
+        next_scores_table(tables, narrow=True).drop(conn, checkfirst=True)
+
+
+def publish_target_list(
+    engine: Engine,
+    tables: WarehouseTables,
+    settings: Settings,
+    built: TargetList,
+    replace_current: bool = True,
+) -> PublishResult:
+    """Swap the built list in as `customer_scores` and into history (a backfill: history only)."""
+    started = time.perf_counter()
+    swap = _swap_postgres if is_postgres(engine) else _swap_sqlite
+    try:
+        with_retries(
+            lambda: swap(engine, tables, settings, built.run_id, replace_current),
+            settings.publish_retries,
+            "swapping in the new list",
+        )
+    except DBAPIError as error:
+        raise _failed_publication(error, settings, built.run_id, "published") from error
+    return PublishResult(built.rows, built.targets, built.seconds + time.perf_counter() - started)
 
 
 def publish_scores(
@@ -431,128 +711,112 @@ def publish_scores(
     model_version: str,
     scored_at: datetime,
     replace_current: bool = True,
+    as_of: date | None = None,
 ) -> PublishResult:
-    """This run's ranked list appended to history and, unless a backfill, swapped in as current."""
-    started = time.perf_counter()
-    non_holdout = count_non_holdout(engine, tables, run_id)
-    ranked = ranked_scores_select(tables, settings, run_id, model_version, scored_at, non_holdout)
-    try:
-        if not replace_current:
-            rows = with_retries(
-                lambda: _append_history(engine, tables, ranked, run_id),
-                settings.publish_retries,
-                "appending to history",
-            )
-        elif is_postgres(engine):
-            rows = _publish_postgres(engine, tables, settings, ranked, run_id)
-        else:
-            rows = with_retries(
-                lambda: _publish_sqlite(engine, tables, ranked, run_id),
-                settings.publish_retries,
-                "publication",
-            )
-    except DBAPIError as error:
-        kind = (
-            f"transient error still failing after {settings.publish_retries} retries"
-            if is_transient(error)
-            else "error that is not retried"
-        )
-        first_line = (str(error.orig).strip().splitlines() or ["?"])[0]
-        raise PublicationError(
-            f"run {run_id} was not published ({kind}: {type(error.orig).__name__}: "
-            f"{first_line}); the previous list is untouched"
-        ) from error
-    history = tables.history
-    with engine.connect() as conn:
-        targets = int(
-            conn.execute(
-                select(func.count()).where(history.c.is_target, history.c.run_id == run_id)
-            ).scalar_one()
-        )
-    return PublishResult(rows, targets, time.perf_counter() - started)
+    """Build the run's ranked list and publish it (duplicates checked; see `build_target_list`)."""
+    built = build_target_list(
+        engine, tables, settings, run_id, model_version, scored_at, as_of or scored_at.date()
+    )
+    return publish_target_list(engine, tables, settings, built, replace_current)
 
 
-def _append_history(engine: Engine, tables: WarehouseTables, ranked, run_id: str) -> int:
-    columns = [c.name for c in tables.history.columns]
-    with engine.begin() as conn:
-        conn.execute(delete(tables.history).where(tables.history.c.run_id == run_id))
-        return int(conn.execute(insert(tables.history).from_select(columns, ranked)).rowcount)
-
-
-def _publish_sqlite(engine: Engine, tables: WarehouseTables, ranked, run_id: str) -> int:
+def _swap_sqlite(
+    engine: Engine, tables: WarehouseTables, settings: Settings, run_id: str, replace: bool
+) -> None:
+    next_table = next_scores_table(tables, narrow=False)
     columns = [c.name for c in tables.scores.columns]
+    built = select(*[next_table.c[name] for name in columns])
     with engine.begin() as conn:
         pause_at("after_staging")
-        conn.execute(delete(tables.scores))
-        pause_at("during_swap")
-        rows = conn.execute(insert(tables.scores).from_select(columns, ranked)).rowcount
-        conn.execute(delete(tables.history).where(tables.history.c.run_id == run_id))
-        conn.execute(insert(tables.history).from_select(columns, select(*tables.scores.columns)))
-        pause_at("before_commit")
-    return int(rows)
-
-
-def _publish_postgres(
-    engine: Engine, tables: WarehouseTables, settings: Settings, ranked, run_id: str
-) -> int:
-    columns = [c.name for c in tables.scores.columns]
-    next_table = _next_scores_table(tables)
-
-    def build_next() -> int:
-        with engine.begin() as conn:
-            check_run_lock(conn, tables)
-            conn.execute(text("SET LOCAL work_mem = '256MB'"))  # the ranking sort in memory
-            conn.execute(text("SET LOCAL jit = off"))
-            next_table.drop(conn, checkfirst=True)
-            next_table.create(conn)
-            rows = conn.execute(insert(next_table).from_select(columns, ranked)).rowcount
-            Index(  # built once after the load: faster than maintained row by row
-                f"{next_table.name}_customer"[:60], next_table.c[CUSTOMER_ID], unique=True
-            ).create(conn)
-            conn.execute(text(f"ANALYZE {qualified_name(conn, next_table)}"))
-        return int(rows)
-
-    rows = with_retries(build_next, settings.publish_retries, "building the new list")
-    pause_at("after_staging")
-
-    def swap() -> None:
-        with engine.begin() as conn:
-            conn.execute(text(f"SET LOCAL lock_timeout = {int(settings.lock_timeout_ms)}"))
-            check_run_lock(conn, tables)
-            conn.execute(delete(tables.history).where(tables.history.c.run_id == run_id))
-            conn.execute(insert(tables.history).from_select(columns, select(*next_table.columns)))
-            live = qualified_name(conn, tables.scores)
-            old_name = f"{tables.scores.name}_old"[:60]
-            preparer = conn.dialect.identifier_preparer
-            relations = [live, *(_in_schema(conn, tables, view) for view in VIEW_NAMES)]
-            grants = {relation: _relation_grants(conn, relation) for relation in relations}
-            drop_views(conn, tables)
-            conn.execute(text(f"DROP TABLE IF EXISTS {_in_schema(conn, tables, old_name)}"))
-            conn.execute(text(f"ALTER TABLE IF EXISTS {live} RENAME TO {preparer.quote(old_name)}"))
+        if replace:
+            conn.execute(delete(tables.scores))
             pause_at("during_swap")
-            conn.execute(
-                text(
-                    f"ALTER TABLE {qualified_name(conn, next_table)} "
-                    f"RENAME TO {preparer.quote(tables.scores.name)}"
+            conn.execute(insert(tables.scores).from_select(columns, built))
+        conn.execute(delete(tables.history).where(tables.history.c.run_id == run_id))
+        conn.execute(insert(tables.history).from_select(columns, built))
+        next_table.drop(conn)
+        pause_at("before_commit")
+
+
+_PARTITION_OF_RUN_SQL = text(
+    "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid "
+    "WHERE i.inhparent = to_regclass(:history) "
+    "AND pg_get_expr(c.relpartbound, c.oid) = format('FOR VALUES IN (%L)', CAST(:run_id AS text))"
+)
+_PARTITION_BOUND_SQL = text(
+    "SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits AS i "
+    "JOIN pg_class AS c ON c.oid = i.inhrelid "
+    "WHERE i.inhparent = to_regclass(:history) AND c.oid = to_regclass(:relation)"
+)
+
+
+def history_partition_name(tables: WarehouseTables, bound: str) -> str:
+    """The name a history partition gets once it is not the live list (from its bound)."""
+    digest = hashlib.sha256(bound.encode()).hexdigest()[:12]
+    return f"{tables.history.name[:48]}_{digest}"
+
+
+def _swap_postgres(
+    engine: Engine, tables: WarehouseTables, settings: Settings, run_id: str, replace: bool
+) -> None:
+    next_table = next_scores_table(tables, narrow=True)
+    pause_at("after_staging")
+    with engine.begin() as conn:
+        conn.execute(text(f"SET LOCAL lock_timeout = {int(settings.lock_timeout_ms)}"))
+        check_run_lock(conn, tables)
+        history = qualified_name(conn, tables.history)
+        live = qualified_name(conn, tables.scores)
+        built = qualified_name(conn, next_table)
+        if conn.execute(text("SELECT to_regclass(:name)"), {"name": built}).scalar() is None:
+            raise PublicationError(f"no built list {next_table.name} to publish for run {run_id}")
+        bound = conn.execute(
+            text("SELECT format('FOR VALUES IN (%L)', CAST(:run_id AS text))"), {"run_id": run_id}
+        ).scalar_one()
+        live_bound = conn.execute(
+            _PARTITION_BOUND_SQL, {"history": history, "relation": live}
+        ).scalar()
+        replace = replace or live_bound == bound  # re-running the live run replaces it live
+        relations = [live, *(_in_schema(conn, tables, view) for view in VIEW_NAMES)]
+        grants = {relation: _relation_grants(conn, relation) for relation in relations}
+        if replace:
+            drop_views(conn, tables)
+        earlier = conn.execute(_PARTITION_OF_RUN_SQL, {"history": history, "run_id": run_id})
+        for (name,) in earlier.all():
+            partition = _in_schema(conn, tables, name)
+            conn.execute(text(f"ALTER TABLE {history} DETACH PARTITION {partition}"))
+            conn.execute(text(f"DROP TABLE {partition}"))
+        target_name = tables.scores.name if replace else history_partition_name(tables, bound)
+        if replace:
+            if live_bound is not None and live_bound != bound:
+                _rename_with_index(
+                    conn, tables, tables.scores.name, history_partition_name(tables, live_bound)
                 )
-            )
-            conn.execute(text(f"DROP TABLE IF EXISTS {_in_schema(conn, tables, old_name)}"))
-            index_name = f"{tables.scores.name}_customer"[:60]
-            conn.execute(text(f"DROP INDEX IF EXISTS {_in_schema(conn, tables, index_name)}"))
-            conn.execute(
-                text(
-                    f"ALTER INDEX {_in_schema(conn, tables, f'{next_table.name}_customer'[:60])} "
-                    f"RENAME TO {preparer.quote(index_name)}"
-                )
-            )
+            elif live_bound is None:
+                conn.execute(text(f"DROP TABLE IF EXISTS {live}"))  # the empty table of init
+            pause_at("during_swap")
+        _rename_with_index(conn, tables, next_table.name, target_name)
+        target = _in_schema(conn, tables, target_name)
+        conn.execute(text(f"ALTER TABLE {history} ATTACH PARTITION {target} {bound}"))
+        if replace:
             create_views(conn, tables)
             for relation, granted in grants.items():
                 _grant(conn, relation, granted)
-            check_run_lock(conn, tables)
-            pause_at("before_commit")
+        check_run_lock(conn, tables)
+        pause_at("before_commit")
 
-    with_retries(swap, settings.publish_retries, "swapping in the new list")
-    return rows
+
+def _rename_with_index(conn: Connection, tables: WarehouseTables, old: str, new: str) -> None:
+    """Rename a list table and its customer index (`<name>_customer`)."""
+    preparer = conn.dialect.identifier_preparer
+    old_index = _in_schema(conn, tables, f"{old}_customer"[:60])
+    conn.execute(
+        text(
+            f"ALTER INDEX IF EXISTS {old_index} RENAME TO {preparer.quote(f'{new}_customer'[:60])}"
+        )
+    )
+    conn.execute(
+        text(f"ALTER TABLE {_in_schema(conn, tables, old)} RENAME TO {preparer.quote(new)}")
+    )
 
 
 GRANTABLE_PRIVILEGES = frozenset(

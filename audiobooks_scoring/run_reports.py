@@ -22,7 +22,7 @@ from audiobooks_scoring.reports import (
 )
 from audiobooks_scoring.scoring import ScoringModel
 from audiobooks_scoring.settings import Settings
-from audiobooks_scoring.warehouse import WarehouseTables, read_frame, render_sql
+from audiobooks_scoring.warehouse import WarehouseTables, read_frame, reasons_column, render_sql
 
 TOP_ROWS = 20
 
@@ -140,7 +140,7 @@ def build_scoring_report(
             history.c.decile,
             history.c.is_target,
             history.c.holdout,
-            history.c.reasons,
+            reasons_column(),
         )
         .where(history.c.run_id == run_id)
         .order_by(history.c.rank)

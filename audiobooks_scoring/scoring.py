@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -23,6 +27,8 @@ from audiobooks_scoring.contract import (
     ACTIVITY_COLUMNS,
     CUSTOMER_ID,
     FEATURES,
+    SCORE_REASON_CODES,
+    SCORE_REASON_LABELS,
     WINDOW_END,
     ContractError,
     check_columns,
@@ -38,6 +44,7 @@ from audiobooks_scoring.model import (
 )
 from audiobooks_scoring.monitoring import DriftAccumulator, FeatureProfile
 from audiobooks_scoring.preprocessing import Preprocessing
+from audiobooks_scoring.ranking import SortedRuns
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import (
     CodedColumn,
@@ -54,35 +61,14 @@ from audiobooks_scoring.warehouse import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-REASON_LABELS: dict[str, str] = {
-    "book_length_avg_min_high": "buys long books",
-    "book_length_avg_min_low": "buys short books",
-    "book_length_total_min_high": "has bought many hours of audio",
-    "book_length_total_min_low": "has bought few hours of audio",
-    "price_avg_high": "pays high prices per book",
-    "price_avg_low": "pays low prices per book",
-    "price_total_high": "has spent a lot in total",
-    "price_total_low": "has spent little in total",
-    "review_high": "left a review",
-    "review_low": "has not left a review",
-    "review_score_high": "rated their books highly",
-    "review_score_low": "rated their books low",
-    "completion_high": "listened to most of what they bought",
-    "completion_low": "listened to little of what they bought",
-    "minutes_listened_high": "listened for many minutes",
-    "minutes_listened_low": "listened for few minutes",
-    "support_requests_high": "contacted support",
-    "support_requests_low": "has not needed support",
-    "last_visit_days_after_purchase_high": "visited long after purchase",
-    "last_visit_days_after_purchase_low": "visited soon after purchase",
-}
+REASON_LABELS = SCORE_REASON_LABELS
 REASON_COUNT = 3
-# Every reason code, in FEATURES order: code 2*j is feature j's "_high", 2*j + 1 its "_low".
-REASON_CODE_VALUES: tuple[str, ...] = tuple(
-    f"{name}_{side}" for name in FEATURES for side in ("high", "low")
-)
-SCORING_BLOCK_ROWS = 4_096  # rows per block of the numpy forward passes (cache-sized)
+REASON_CODE_VALUES = SCORE_REASON_CODES
+SCORING_BLOCK_ROWS = 4_096  # rows per block of the float64 probability pass (cache-sized)
+REASON_BLOCK_ROWS = 8_192  # rows per block of the reason-code passes
+REASON_DENSE_SHARE = 0.7  # a feature moved in this share of a block's rows moves in all
 
 
 @dataclass(frozen=True)
@@ -110,6 +96,7 @@ class StageResult:
     model_seconds: float = 0.0
     reason_seconds: float = 0.0
     drift: DriftAccumulator | None = None
+    runs: SortedRuns | None = None  # the scored rows, when spilled locally for ranking
 
     def merge(self, other: StageResult) -> StageResult:
         """The sum of two partitions' results."""
@@ -190,22 +177,115 @@ def predict_probability_stable(
     return result
 
 
-def _block_contributions(
-    weights: DenseWeights, batch: np.ndarray, medians: np.ndarray
-) -> np.ndarray:
-    first, rest = weights.layers[0], weights.layers[1:]
-    contributions = np.zeros(batch.shape, dtype=np.float32)
-    pre_activation = batch @ first.kernel
-    pre_activation += first.bias
-    base = forward_layers(activate(pre_activation.copy(), first.activation), rest)[:, 0]
-    shift = medians[None, :] - batch
-    features, rows = np.nonzero(shift.T)
-    if len(rows):
-        moved = pre_activation[rows]
-        moved += shift[rows, features][:, None] * first.kernel[features]
-        moved_probability = forward_layers(activate(moved, first.activation), rest)[:, 0]
-        contributions[rows, features] = base[rows] - moved_probability
-    return contributions
+class _ReasonPass:
+    """The counterfactual forward passes of reason codes, one block of rows at a time.
+
+    Activations are held transposed (units x rows) so that biases and activations run over
+    long contiguous rows. The first layer is linear before its activation, so moving
+    feature j to its median adds `shift_j * W1[j]` to the first pre-activation: a feature
+    that moves in most rows of a block is moved in all of them (where it does not move, the
+    contribution is set to 0), one that moves in few rows has those rows gathered first.
+    Each thread reuses its own buffers from block to block.
+    """
+
+    def __init__(self, weights: DenseWeights, medians_scaled: np.ndarray, block_rows: int):
+        self.layers = [
+            (np.ascontiguousarray(kernel.T), np.ascontiguousarray(bias[:, None]), activation)
+            for kernel, bias, activation in weights.layers
+        ]
+        self.medians = np.asarray(medians_scaled, dtype=np.float32).reshape(-1, 1)
+        self.block_rows = block_rows
+        self.units = max(kernel.shape[0] for kernel, _, _ in self.layers)
+        self.zeros = np.zeros(self.units * block_rows, dtype=np.float32)  # read only
+        self._local = threading.local()
+
+    def _buffers(self) -> dict[str, np.ndarray]:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            size = self.units * self.block_rows
+            width = self.medians.shape[0]
+            buffers = {
+                name: np.empty(size, dtype=np.float32)
+                for name in ("pre", "moved", "gathered", "even", "odd")
+            }
+            buffers["shift"] = np.empty(width * self.block_rows, dtype=np.float32)
+            buffers["contributions"] = np.empty(width * self.block_rows, dtype=np.float32)
+            buffers["base"] = np.empty(self.block_rows, dtype=np.float32)
+            self._local.buffers = buffers
+        return buffers
+
+    def _activate(self, values: np.ndarray, activation: str) -> np.ndarray:
+        if activation == "relu":  # max with an array of zeros is the vectorised loop
+            zeros = self.zeros[: values.size].reshape(values.shape)
+            return np.maximum(values, zeros, out=values)
+        return activate(values.T, activation).T
+
+    def _probability(self, hidden: np.ndarray, buffers: dict[str, np.ndarray]) -> np.ndarray:
+        """The network after the first layer's activation, for `hidden` (units x rows)."""
+        rows = hidden.shape[1]
+        for index, (kernel_t, bias, activation) in enumerate(self.layers[1:]):
+            flat = buffers["odd" if index % 2 else "even"]
+            out = flat[: kernel_t.shape[0] * rows].reshape(kernel_t.shape[0], rows)
+            np.matmul(kernel_t, hidden, out=out)
+            out += bias
+            hidden = self._activate(out, activation)
+        return hidden[0]
+
+    def contributions(self, batch: np.ndarray) -> np.ndarray:
+        """Features x rows: p(x) - p(x with that feature at its median) for a block of rows.
+
+        The result is a buffer of the calling thread, valid until its next block.
+        """
+        kernel_t, bias, activation = self.layers[0]
+        rows, width = batch.shape
+        units = kernel_t.shape[0]
+        buffers = self._buffers()
+        pre = np.matmul(kernel_t, batch.T, out=buffers["pre"][: units * rows].reshape(units, rows))
+        pre += bias
+        moved = buffers["moved"][: units * rows].reshape(units, rows)
+        np.copyto(moved, pre)
+        base = buffers["base"][:rows]
+        np.copyto(base, self._probability(self._activate(moved, activation), buffers))
+        shift = buffers["shift"][: width * rows].reshape(width, rows)
+        np.subtract(self.medians, batch.T, out=shift)
+        contributions = buffers["contributions"][: width * rows].reshape(width, rows)
+        contributions.fill(0.0)
+        gathered_for = None
+        for j in range(width):
+            changed = shift[j] != 0
+            count = int(np.count_nonzero(changed))
+            if count == 0:
+                continue
+            if count >= REASON_DENSE_SHARE * rows:
+                np.multiply(kernel_t[:, j, None], shift[j], out=moved)
+                moved += pre
+                probability = self._probability(self._activate(moved, activation), buffers)
+                np.subtract(base, probability, out=contributions[j], where=changed)
+                continue
+            if gathered_for is None or not np.array_equal(changed, gathered_for):
+                index = np.flatnonzero(changed)
+                gathered = buffers["gathered"][: units * count].reshape(units, count)
+                np.take(pre, index, axis=1, out=gathered, mode="clip")  # unbuffered
+                gathered_for = changed
+            part = buffers["moved"][: units * count].reshape(units, count)
+            np.multiply(kernel_t[:, j, None], shift[j, index], out=part)
+            part += gathered
+            probability = self._probability(self._activate(part, activation), buffers)
+            contributions[j, index] = base[index] - probability
+        return contributions
+
+    def run(self, work: Callable[[slice], None], rows: int, pool: Executor | None) -> None:
+        """Call `work` on consecutive blocks of at most `block_rows` rows."""
+        _run_blocks(work, rows, self.block_rows, pool)
+
+
+def _reason_pass(weights: DenseWeights, medians_scaled: np.ndarray) -> _ReasonPass:
+    medians = np.asarray(medians_scaled, dtype=np.float32).reshape(-1)
+    if medians.shape[0] != weights.input_size:
+        raise ValueError(
+            f"medians_scaled has {medians.shape[0]} values; expected {weights.input_size}"
+        )
+    return _ReasonPass(weights, medians, REASON_BLOCK_ROWS)
 
 
 def reason_contributions_fast(
@@ -217,22 +297,17 @@ def reason_contributions_fast(
     """n x features: p(x) minus p(x with that one feature at its median); > 0 raises the score.
 
     The counterfactual of `model.reason_contributions`, computed only where a feature
-    differs from its median (elsewhere it is exactly 0): the moved first-layer
-    pre-activations of every (row, feature) pair of a block go through the rest of the
-    network in one matrix product.
+    differs from its median (elsewhere it is exactly 0), in float32 blocks of rows over
+    `pool`'s threads when given.
     """
     X = as_model_input(weights, X_scaled)
-    medians = np.asarray(medians_scaled, dtype=np.float32).reshape(-1)
-    if medians.shape[0] != weights.input_size:
-        raise ValueError(
-            f"medians_scaled has {medians.shape[0]} values; expected {weights.input_size}"
-        )
+    passes = _reason_pass(weights, medians_scaled)
     contributions = np.empty(X.shape, dtype=np.float32)
 
     def work(rows: slice) -> None:
-        contributions[rows] = _block_contributions(weights, X[rows], medians)
+        contributions[rows] = passes.contributions(X[rows]).T
 
-    _run_blocks(work, X.shape[0], SCORING_BLOCK_ROWS, pool)
+    passes.run(work, X.shape[0], pool)
     return contributions
 
 
@@ -244,6 +319,43 @@ def reason_code_indices(
     The top three are the largest contributions, ties going to the earlier feature (as a
     stable sort would); a reason is given only when its contribution is above 0.
     """
+    by_feature = np.array(np.asarray(contributions, dtype=np.float32).T, order="C")
+    return _top_reasons(by_feature, np.asarray(raw), np.asarray(medians))
+
+
+def _top_reasons(remaining: np.ndarray, raw: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    """`reason_code_indices` of contributions given features x rows (overwritten)."""
+    width, rows = remaining.shape
+    if 2 * width > 127 or np.isnan(remaining).any():
+        return _top_reasons_by_argmax(remaining.T, raw, medians)
+    indices = np.full((rows, REASON_COUNT), -1, dtype=np.int8)
+    # A row's code of feature j, 2j ("_high") or 2j + 1 ("_low"), grows with j: the code of
+    # the first feature holding a row's maximum is the largest code among those that raise it.
+    codes = np.empty((width, rows), dtype=np.uint8)
+    np.copyto(codes, ~(raw.T > medians[:, None]))
+    codes += (2 * np.arange(width, dtype=np.uint8))[:, None]
+    best = np.empty(rows, dtype=remaining.dtype)
+    code = np.empty(rows, dtype=np.uint8)
+    raised = np.empty(rows, dtype=bool)
+    candidate = np.empty(rows, dtype=np.uint8)
+    positions = np.arange(rows)
+    for slot in range(min(REASON_COUNT, width)):
+        np.copyto(best, remaining[0])
+        np.copyto(code, codes[0])
+        for j in range(1, width):
+            np.greater(remaining[j], best, out=raised)
+            np.maximum(best, remaining[j], out=best)
+            np.multiply(raised, codes[j], out=candidate)
+            np.maximum(code, candidate, out=code)
+        indices[:, slot] = np.where(best > 0, code, -1)
+        remaining.reshape(-1)[(code >> 1).astype(np.intp) * rows + positions] = -np.inf
+    return indices
+
+
+def _top_reasons_by_argmax(
+    contributions: np.ndarray, raw: np.ndarray, medians: np.ndarray
+) -> np.ndarray:
+    """`reason_code_indices` by repeated argmax (any width; NaN counts as the largest)."""
     remaining = np.array(contributions, dtype=np.float32, copy=True)
     rows = np.arange(len(remaining))
     indices = np.full((len(remaining), REASON_COUNT), -1, dtype=np.int8)
@@ -274,14 +386,13 @@ def score_reasons(
     """Reason code indices (n x 3, -1 for none) of raw rows and their scaled model input."""
     X = as_model_input(model.weights, scaled)
     medians = np.asarray(model.preprocessing.medians, dtype=np.float64)
-    medians_scaled = model.preprocessing.medians_scaled()
+    passes = _reason_pass(model.weights, model.preprocessing.medians_scaled())
     indices = np.empty((X.shape[0], REASON_COUNT), dtype=np.int8)
 
     def work(rows: slice) -> None:
-        contributions = _block_contributions(model.weights, X[rows], medians_scaled)
-        indices[rows] = reason_code_indices(contributions, raw[rows], medians)
+        indices[rows] = _top_reasons(passes.contributions(X[rows]), raw[rows], medians)
 
-    _run_blocks(work, X.shape[0], SCORING_BLOCK_ROWS, pool)
+    passes.run(work, X.shape[0], pool)
     return indices
 
 
@@ -329,12 +440,14 @@ def stage_population(
     partition: int = 0,
     partitions: int = 1,
     on_chunk: Callable[[StageResult], None] | None = None,
+    runs: SortedRuns | None = None,
 ) -> StageResult:
     """Stream one partition of the population: validate, score, stage results and rejects.
 
-    Memory is bounded by the chunk size. The staged rows go to the warehouse through one
-    binary COPY that the server ingests while the next chunk is read and scored (they are
-    committed together at the end; rejects are committed per chunk). The numpy forward
+    Memory is bounded by the chunk size. The scored rows go to `runs` (sorted runs on local
+    disk, ranked later on this machine) when given, else to the warehouse's staging table
+    through one binary COPY that the server ingests while the next chunk is read and scored
+    (committed together at the end). Rejects are committed per chunk. The numpy forward
     passes run on one thread per core, with single-threaded BLAS.
     """
     params: dict = {"as_of": as_of}
@@ -342,13 +455,16 @@ def stage_population(
         params.update(partitions=partitions, partition=partition)
     sql = population_sql(engine, tables, partition, partitions)
     types = population_column_types(engine, sql, params)
-    result = StageResult(drift=DriftAccumulator(model.profile) if model.profile else None)
+    result = StageResult(
+        drift=DriftAccumulator(model.profile) if model.profile else None, runs=runs
+    )
     with (
         ThreadPoolExecutor(max_workers=scoring_threads(), thread_name_prefix="scoring") as pool,
         threadpool_limits(limits=1, user_api="blas"),
-        bulk_writer(engine, tables.staging) as staging,
+        nullcontext(runs) if runs is not None else bulk_writer(engine, tables.staging) as staging,
     ):
-        for chunk in stream_query(engine, sql, params, settings.chunk_size, types):
+        chunks = stream_query(engine, sql, params, settings.chunk_size, types)
+        for chunk in read_ahead(chunks, depth=1):
             outcome = _stage_chunk(
                 engine, tables, model, settings, run_id, partition, chunk, pool, staging
             )
@@ -364,6 +480,56 @@ def stage_population(
         result.rows_rejected,
     )
     return result
+
+
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """Iterate `items` on a background thread, at most `depth` items ahead of the consumer.
+
+    The next chunk is read off the wire while this one is scored. Errors of the producer
+    are raised in the consumer; a consumer that stops early stops (and closes) the producer.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+        except BaseException as error:  # handed to the consumer
+            buffer.put((done, error))
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        buffer.put((done, None))
+
+    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while producer.is_alive():
+            try:
+                buffer.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        producer.join()
 
 
 def scoring_threads() -> int:
@@ -396,7 +562,7 @@ def _stage_chunk(
     partition: int,
     chunk: pd.DataFrame,
     pool: Executor,
-    staging: ColumnWriter,
+    staging: ColumnWriter | SortedRuns,
 ) -> _ChunkOutcome:
     """Validate and score one chunk, hand its rows to the staging writer, commit its rejects."""
     now = datetime.now(UTC)
@@ -422,7 +588,10 @@ def _stage_chunk(
     }
     for slot in range(REASON_COUNT):
         staged[f"reason_{slot + 1}"] = CodedColumn(reasons[:, slot], REASON_CODE_VALUES)
-    staging.write(staged, len(valid))
+    if isinstance(staging, SortedRuns):
+        staging.add(ids, staged["probability"], staged["holdout"], staged[WINDOW_END], reasons)
+    else:
+        staging.write(staged, len(valid))
     if not checked.rejected.empty:
         with engine.begin() as conn:
             write_frame(conn, tables.rejected, checked.rejected)

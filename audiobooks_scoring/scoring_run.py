@@ -8,6 +8,7 @@ from typing import Any
 
 from audiobooks_scoring import lifecycle, publishing, scoring
 from audiobooks_scoring.model_store import ModelStore
+from audiobooks_scoring.ranking import spill_runs
 from audiobooks_scoring.run_monitoring import summarize_drift
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import Warehouse
@@ -35,17 +36,22 @@ def run_scoring(
                 if version is None:
                     raise RuntimeError("no champion model in the store; train one first")
                 model = lifecycle.load_scoring_model(store, version)
-            result = scoring.stage_population(engine, tables, model, settings, run_id, as_of)
-            duplicates = scoring.reject_duplicates(
-                engine, tables, run_id, as_of, settings.chunk_size
+            runs = spill_runs(settings.data_dir / "spill")
+            result = scoring.stage_population(
+                engine, tables, model, settings, run_id, as_of, runs=runs
             )
-            result = scoring.account_duplicates(result, duplicates)
+            built = publishing.build_target_list(
+                engine, tables, settings, run_id, model.version, datetime.now(UTC), as_of, runs
+            )
+            result = scoring.account_duplicates(result, built.duplicates)
             figures = scoring.run_figures(result, model.version)
             publishing.record_run_end(engine, tables, run_id, **figures)  # counts kept on failure
-            scoring.check_run_gates(result, settings.max_reject_share)
-            published = publishing.publish_scores(
-                engine, tables, settings, run_id, model.version, datetime.now(UTC), publish
-            )
+            try:
+                scoring.check_run_gates(result, settings.max_reject_share)
+            except scoring.RunGateError:
+                publishing.discard_target_list(engine, tables)
+                raise
+            published = publishing.publish_target_list(engine, tables, settings, built, publish)
             figures.update(published=publish, targets=published.targets)
             figures.update(summarize_drift(engine, tables, result, run_id, settings)["ledger"])
             figures["status"] = "succeeded" if publish else "backfilled"

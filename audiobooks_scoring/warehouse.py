@@ -24,6 +24,7 @@ from sqlalchemy import (
     DateTime,
     Double,
     Engine,
+    Enum,
     Float,
     Index,
     Integer,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    literal_column,
     text,
 )
 from sqlalchemy import (
@@ -42,7 +44,14 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateSchema
 
-from audiobooks_scoring.contract import CUSTOMER_ID, FEATURES, LABEL, WINDOW_END
+from audiobooks_scoring.contract import (
+    CUSTOMER_ID,
+    FEATURES,
+    LABEL,
+    SCORE_REASON_CODES,
+    SCORE_REASON_LABELS,
+    WINDOW_END,
+)
 from audiobooks_scoring.settings import Settings, check_identifier
 
 logger = logging.getLogger(__name__)
@@ -79,8 +88,39 @@ def _feature_columns(nullable: bool = True) -> list[Column]:
     return [Column(name, Double, nullable=nullable) for name in FEATURES]
 
 
-def score_columns() -> list[Column]:
-    """Columns shared by `customer_scores` and the history table."""
+RANKED_COLUMNS = (
+    CUSTOMER_ID,
+    WINDOW_END,
+    "probability",
+    "rank",
+    "decile",
+    "is_target",
+    "holdout",
+    "reason_1",
+    "reason_2",
+    "reason_3",
+)
+RUN_CONSTANT_COLUMNS = ("model_version", "run_id", "scored_at")
+
+
+def reason_code_type(settings_scores_table: str, metadata: MetaData | None = None) -> Enum:
+    """The reason-code column type: a PostgreSQL enum (4 bytes a value), VARCHAR elsewhere."""
+    return Enum(
+        *SCORE_REASON_CODES,
+        name=f"{settings_scores_table}_reason"[:60],
+        metadata=metadata,
+        native_enum=True,
+        create_constraint=False,
+        validate_strings=True,
+    )
+
+
+def score_columns(reason_type: Enum | None = None) -> list[Column]:
+    """Columns shared by `customer_scores` and the history table, in their table order.
+
+    The first ones (`RANKED_COLUMNS`) vary by customer; the last three are constant in a run.
+    """
+    reason = reason_type if reason_type is not None else String(48)
     return [
         Column(CUSTOMER_ID, BigInteger, nullable=False),
         Column(WINDOW_END, Date),
@@ -89,10 +129,9 @@ def score_columns() -> list[Column]:
         Column("decile", SmallInteger, nullable=False),
         Column("is_target", Boolean, nullable=False),
         Column("holdout", Boolean, nullable=False),
-        Column("reason_1", String(48)),
-        Column("reason_2", String(48)),
-        Column("reason_3", String(48)),
-        Column("reasons", Text),
+        Column("reason_1", reason),
+        Column("reason_2", reason),
+        Column("reason_3", reason),
         Column("model_version", String(80), nullable=False),
         Column("run_id", String(80), nullable=False),
         Column("scored_at", DateTime(timezone=True), nullable=False),
@@ -118,13 +157,30 @@ def build_tables(settings: Settings, dialect_name: str = "postgresql") -> Wareho
         Column(WINDOW_END, Date),
         *_feature_columns(),
     )
-    scores = Table(settings.scores_table, metadata, *score_columns())
+    postgres = dialect_name == "postgresql"
+    reason = reason_code_type(settings.scores_table, metadata)
+    scores = Table(
+        settings.scores_table,
+        metadata,
+        *score_columns(reason),
+        Index(f"{settings.scores_table}_customer"[:60], CUSTOMER_ID, unique=True),
+    )
+    # PostgreSQL: one partition per run (loaded once, indexed after the load; the current
+    # run's partition is `customer_scores` itself). Elsewhere one table with indexes.
+    history_layout: list[Any] = (
+        []
+        if postgres
+        else [
+            Index(f"ix_{settings.history_table}_run"[:60], "run_id"),
+            Index(f"ix_{settings.history_table}_customer"[:60], CUSTOMER_ID),
+        ]
+    )
     history = Table(
         settings.history_table,
         metadata,
-        *score_columns(),
-        Index(f"ix_{settings.history_table}_run"[:60], "run_id"),
-        Index(f"ix_{settings.history_table}_customer"[:60], CUSTOMER_ID),
+        *score_columns(reason),
+        *history_layout,
+        **({"postgresql_partition_by": "LIST (run_id)"} if postgres else {}),
     )
     runs = Table(
         settings.runs_table,
@@ -189,12 +245,11 @@ def build_tables(settings: Settings, dialect_name: str = "postgresql") -> Wareho
         Column(WINDOW_END, Date),
         Column("probability", Double, nullable=False),
         Column("holdout", Boolean, nullable=False),
-        Column("reason_1", String(48)),
-        Column("reason_2", String(48)),
-        Column("reason_3", String(48)),
+        Column("reason_1", reason),
+        Column("reason_2", reason),
+        Column("reason_3", reason),
         Column("partition_no", SmallInteger, nullable=False),
-        Index(f"ix_{settings.scores_table}_staging_run"[:60], "run_id"),
-        prefixes=["UNLOGGED"] if dialect_name == "postgresql" else [],
+        prefixes=["UNLOGGED"] if postgres else [],
     )
     return WarehouseTables(
         metadata, training, activity, scores, history, runs, rejected, model_versions, staging
@@ -247,7 +302,7 @@ def qualified_name(bind: Engine | Connection, table: Table) -> str:
     return bind.dialect.identifier_preparer.format_table(table)
 
 
-VIEW_NAMES = ("campaign_targets", "decile_summary")
+VIEW_NAMES = ("campaign_targets", "decile_summary", "customer_scores_explained")
 _TEMPLATE_ATTRS = {
     "training_table": "training",
     "activity_table": "activity",
@@ -272,11 +327,38 @@ def render_sql(name: str, bind: Engine | Connection, tables: WarehouseTables) ->
 
     def substitute(match: re.Match) -> str:
         key = match.group(1)
+        if key == "reason_labels":
+            return reason_labels_sql()
         if key not in relations:
             raise WarehouseError(f"{path.name}: unknown placeholder {{{key}}}")
         return qualified_name(bind, relations[key])
 
     return PLACEHOLDER.sub(substitute, strip_comments(path.read_text()))
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def reason_labels_sql(prefix: str = "") -> str:
+    """SQL for the plain-language reasons of a score row: its reason labels joined by '; '."""
+
+    def label(column: str) -> str:
+        cases = " ".join(
+            f"WHEN {_sql_string(code)} THEN {_sql_string(text_)}"
+            for code, text_ in SCORE_REASON_LABELS.items()
+        )
+        return f"CASE {prefix}{column} {cases} END"
+
+    return (
+        f"{label('reason_1')} || COALESCE('; ' || {label('reason_2')}, '')"
+        f" || COALESCE('; ' || {label('reason_3')}, '')"
+    )
+
+
+def reasons_column():
+    """The plain-language `reasons` of a score row, as a column of a one-table SELECT."""
+    return literal_column(reason_labels_sql()).label("reasons")
 
 
 def strip_comments(sql_text: str) -> str:
@@ -286,7 +368,8 @@ def strip_comments(sql_text: str) -> str:
 
 def split_statements(sql_text: str) -> list[str]:
     """The `;`-separated statements of a SQL file, without comments-only pieces."""
-    return [piece.strip() for piece in strip_comments(sql_text).split(";") if piece.strip()]
+    pieces = re.split(r";(?=(?:[^']*'[^']*')*[^']*$)", strip_comments(sql_text))
+    return [piece.strip() for piece in pieces if piece.strip()]
 
 
 def create_tables(engine: Engine, tables: WarehouseTables) -> None:
@@ -294,8 +377,24 @@ def create_tables(engine: Engine, tables: WarehouseTables) -> None:
     with engine.begin() as conn:
         if is_postgres(conn) and tables.metadata.schema:
             conn.execute(CreateSchema(tables.metadata.schema, if_not_exists=True))
+        if is_postgres(conn):
+            _check_history_layout(conn, tables)
         tables.metadata.create_all(conn, checkfirst=True)
         create_views(conn, tables)
+
+
+def _check_history_layout(conn: Connection, tables: WarehouseTables) -> None:
+    """Refuse a history table of an earlier layout (not partitioned by run) on PostgreSQL."""
+    kind = conn.execute(
+        text("SELECT relkind FROM pg_class WHERE oid = to_regclass(:name)"),
+        {"name": qualified_name(conn, tables.history)},
+    ).scalar()
+    if kind is not None and kind != "p":
+        raise WarehouseError(
+            f"{tables.history.name} exists but is not partitioned by run (an earlier layout); "
+            f"rename it (and {tables.scores.name}) aside and run init again, then copy old "
+            "runs back if they are needed"
+        )
 
 
 def create_views(conn: Connection, tables: WarehouseTables) -> None:
@@ -426,77 +525,51 @@ def _stream_postgres(
     with engine.connect() as conn:
         raw = conn.connection.driver_connection
         with raw.cursor() as cursor, cursor.copy(copy_sql, compiled.params) as copy:
-            rows: list = []
-            for rows in _copy_out_batches(raw, copy, chunk_size, binary=parse is not None):
-                frame = parse(rows) if parse else _parse_csv_rows(rows, names, types)
-                if frame is not None:
-                    yield frame
+            if parse:
+                for chunk in _copy_out_chunks(raw, copy, chunk_size, parse.row_dtype.itemsize):
+                    yield parse(chunk)
+            else:
+                for rows in _copy_out_batches(copy, chunk_size):
+                    yield _parse_csv_rows(rows, names, types)
         conn.rollback()
 
 
-def stream_copy_rows(
-    engine: Engine, sql: str, params: Mapping[str, Any], chunk_size: int
-) -> Iterator[list]:
-    """Binary COPY rows of a PostgreSQL query, unparsed, in lists of at most `chunk_size`.
+@dataclass(frozen=True)
+class CopyChunk:
+    """Binary COPY rows of one chunk: the rows of the regular width back to back, the rest apart.
 
-    The signature header is cut from the first row and the trailer is dropped: each item
-    is one row (field count, then length-prefixed big-endian fields).
+    Rows of fixed-width columns differ in length only where a field is NULL (its value is
+    left out); `irregular` holds each such row with its position in the chunk.
     """
+
+    data: bytearray
+    rows: int
+    width: int
+    irregular: list[tuple[int, bytes]]
+
+
+def stream_copy_chunks(
+    engine: Engine, sql: str, params: Mapping[str, Any], chunk_size: int
+) -> Iterator[CopyChunk]:
+    """Binary COPY rows of a PostgreSQL query of fixed-width columns, unparsed, per chunk."""
+    oids = _query_type_oids(engine, sql, params)
+    if not all(oid in BINARY_TYPES for oid in oids.values()):
+        raise WarehouseError("binary COPY chunks need a query of fixed-width columns only")
+    width = _BinaryRowParser(oids, {}).row_dtype.itemsize
     compiled = text(sql).bindparams(**dict(params)).compile(dialect=engine.dialect)
     copy_sql = f"COPY ({compiled.string}) TO STDOUT WITH (FORMAT binary)"
     with engine.connect() as conn:
         raw = conn.connection.driver_connection
         with raw.cursor() as cursor, cursor.copy(copy_sql, compiled.params) as copy:
-            first = True
-            for rows in _copy_out_batches(raw, copy, chunk_size, binary=True):
-                if first:
-                    rows[0] = _BinaryRowParser.strip_header(rows[0])
-                    first = False
-                rows = [row for row in rows if len(row) and bytes(row) != PGCOPY_TRAILER]
-                if rows:
-                    yield rows
+            yield from _copy_out_chunks(raw, copy, chunk_size, width)
         conn.rollback()
 
 
-def _copy_out_batches(raw, copy, size: int, binary: bool) -> Iterator[list]:
-    """Lists of at most `size` COPY OUT rows (libpq hands them over one row at a time).
-
-    In binary format rows already in libpq's buffer are taken straight from the
-    connection (about a third cheaper per row than `Copy.read`); psycopg waits for the
-    socket and, after the trailer, ends the COPY.
-    """
+def _copy_out_batches(copy, size: int) -> Iterator[list]:
+    """Lists of at most `size` text COPY OUT rows."""
     rows: list = []
     append = rows.append
-    if not binary:
-        for row in copy:
-            append(row)
-            if len(rows) == size:
-                yield rows
-                rows = []
-                append = rows.append
-        if rows:
-            yield rows
-        return
-    take, read = raw.pgconn.get_copy_data, copy.read
-    first = read()  # the header comes with the first row (or with the trailer: no rows)
-    if not first:
-        return
-    append(first)
-    header = 19 + int.from_bytes(bytes(first[15:19]), "big")
-    if len(first) == header + 2:
-        read()  # consumes the end of the COPY
-        yield rows
-        return
-    while True:
-        length, row = take(1)  # 1: do not block; 0 means nothing buffered yet
-        if length <= 0:
-            row = read()  # waits for the socket; raises on errors
-            length = len(row)
-            if not length:
-                break
-        if length == 2 and bytes(row) == PGCOPY_TRAILER:
-            read()  # consumes the end of the COPY
-            break
+    for row in copy:
         append(row)
         if len(rows) == size:
             yield rows
@@ -506,12 +579,49 @@ def _copy_out_batches(raw, copy, size: int, binary: bool) -> Iterator[list]:
         yield rows
 
 
+def _copy_out_chunks(raw, copy, size: int, width: int) -> Iterator[CopyChunk]:
+    """Binary COPY OUT rows in chunks of at most `size`, the `width`-byte rows in one bytearray.
+
+    libpq hands rows over one at a time. Rows already in its buffer are taken straight
+    from the connection (about a third cheaper per row than `Copy.read`); psycopg waits
+    for the socket and, after the trailer, ends the COPY. A row of another length (one
+    holding a NULL) is copied apart with its position in the chunk.
+    """
+    take, read = raw.pgconn.get_copy_data, copy.read
+    first = read()  # the header comes with the first row (or with the trailer: no rows)
+    if not first:
+        return
+    row = _BinaryRowParser.strip_header(first)
+    length = len(row)
+    data, count, irregular = bytearray(), 0, []
+    while True:
+        if length == width:
+            data += row
+            count += 1
+        elif length == len(PGCOPY_TRAILER) and bytes(row) == PGCOPY_TRAILER:
+            read()  # consumes the end of the COPY
+            break
+        elif length:
+            irregular.append((count, bytes(row)))
+            count += 1
+        if count == size:
+            yield CopyChunk(data, count, width, irregular)
+            data, count, irregular = bytearray(), 0, []
+        length, row = take(1)  # 1: do not block; 0 means nothing buffered yet
+        if length <= 0:
+            row = read()  # waits for the socket; raises on errors
+            length = len(row)
+            if not length:
+                break
+    if count:
+        yield CopyChunk(data, count, width, irregular)
+
+
 class _BinaryRowParser:
-    """Turns binary COPY rows of fixed-width columns into a frame, vectorised per chunk.
+    """Turns a chunk of binary COPY rows of fixed-width columns into a frame, vectorised.
 
     Rows without NULLs all have the same length and are read by one `np.frombuffer`; the
-    few rows holding a NULL (shorter) are read field by field. A chunk can end with the
-    trailer only when the row count is a multiple of the chunk size; it is dropped.
+    few rows holding a NULL (shorter) are read field by field and merged in at their place.
     """
 
     def __init__(self, oids: Mapping[str, int], types: Mapping[str, pa.DataType]) -> None:
@@ -522,32 +632,19 @@ class _BinaryRowParser:
         for index, oid in enumerate(self.oids):
             fields += [(f"l{index}", ">i4"), (f"v{index}", BINARY_TYPES[oid][0])]
         self.row_dtype = np.dtype(fields)
-        self.header_seen = False
 
-    def __call__(self, rows: list) -> pd.DataFrame | None:
-        if not self.header_seen:
-            rows = [self.strip_header(rows[0]), *rows[1:]]
-            self.header_seen = True
-        rows = [row for row in rows[-2:] if len(row)] if len(rows) <= 2 else rows
-        if rows and bytes(rows[-1]) == PGCOPY_TRAILER:
-            rows = rows[:-1]
-        if not rows:
-            return None
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        regular = lengths == self.row_dtype.itemsize
-        irregular = np.flatnonzero(~regular)
-        if len(irregular):
-            data = np.frombuffer(
-                b"".join([rows[i] for i in np.flatnonzero(regular)]), dtype=self.row_dtype
-            )
-        else:
-            data = np.frombuffer(b"".join(rows), dtype=self.row_dtype)
+    def __call__(self, chunk: CopyChunk) -> pd.DataFrame:
+        data = np.frombuffer(chunk.data, dtype=self.row_dtype)
         self._check(data)
+        regular = None
+        if chunk.irregular:
+            regular = np.ones(chunk.rows, dtype=bool)
+            regular[[position for position, _ in chunk.irregular]] = False
         columns = {}
         for index, (name, oid) in enumerate(zip(self.names, self.oids, strict=True)):
             values, mask = data[f"v{index}"], None
-            if len(irregular):
-                values, mask = self._merge_irregular(rows, regular, irregular, index, values)
+            if regular is not None:
+                values, mask = self._merge_irregular(chunk, regular, index, values)
             columns[name] = self._arrow_column(name, oid, values, mask)
         return pa.table(columns).to_pandas()
 
@@ -568,13 +665,13 @@ class _BinaryRowParser:
         if not ok:
             raise WarehouseError("binary COPY rows do not have the layout the query described")
 
-    def _merge_irregular(self, rows, regular, irregular, index, values):
+    def _merge_irregular(self, chunk: CopyChunk, regular: np.ndarray, index: int, values):
         wire = np.dtype(BINARY_TYPES[self.oids[index]][0])
-        merged = np.zeros(len(rows), dtype=wire)
+        merged = np.zeros(chunk.rows, dtype=wire)
         merged[regular] = values
-        mask = np.zeros(len(rows), dtype=bool)
-        for position in irregular:
-            value = self._read_field(rows[position], index)
+        mask = np.zeros(chunk.rows, dtype=bool)
+        for position, row in chunk.irregular:
+            value = self._read_field(row, index)
             if value is None:
                 mask[position] = True
             else:

@@ -20,6 +20,7 @@ from prefect.states import Completed
 
 from audiobooks_scoring import lifecycle, publishing, run_monitoring, run_reports, scoring
 from audiobooks_scoring.model_store import ModelStore
+from audiobooks_scoring.ranking import SortedRuns, spill_runs
 from audiobooks_scoring.settings import Settings, load_settings
 from audiobooks_scoring.warehouse import Warehouse, init_warehouse, open_warehouse
 from flows.common import scheduled_date, scoring_run_name
@@ -59,10 +60,16 @@ def stage_population(
     partition: int,
     partitions: int,
 ) -> scoring.StageResult:
-    """Counts of one partition streamed, validated, scored and staged in the warehouse."""
+    """Counts of one partition streamed, validated and scored; rows staged in the warehouse.
+
+    A single partition spills its scored rows as sorted runs on local disk instead, ranked on
+    this machine by `build-target-list`.
+    """
     warehouse = open_warehouse(settings)
     progress = None
+    runs = None
     if partitions == 1:
+        runs = spill_runs(settings.data_dir / "spill")
         expected = scoring.count_population(warehouse.engine, warehouse.tables, as_of)
         progress_id = create_progress_artifact(
             progress=0.0, key="scoring-progress", description=f"Scoring {expected} customers"
@@ -83,38 +90,54 @@ def stage_population(
         partition,
         partitions,
         on_chunk=progress,
+        runs=runs,
     )
     warehouse.engine.dispose()
     return result
 
 
-@task(name="reject-duplicate-customers", **TASK_OPTIONS)
-def reject_duplicate_customers(
-    warehouse: Warehouse, run_id: str, as_of: date, chunk_size: int
-) -> int:
-    """Number of staged rows moved to `rejected_rows` because their customer id repeats."""
-    return scoring.reject_duplicates(warehouse.engine, warehouse.tables, run_id, as_of, chunk_size)
-
-
-@task(name="check-run-gates", **TASK_OPTIONS)
-def check_run_gates(result: scoring.StageResult, settings: Settings) -> None:
-    """Raise when the run cannot produce a trustworthy list (empty, too many rejects, lost rows)."""
-    scoring.check_run_gates(result, settings.max_reject_share)
-
-
-@task(name="publish-target-list", **TASK_OPTIONS)
-def publish_target_list(
-    warehouse: Warehouse, settings: Settings, run_id: str, model_version: str, replace_current: bool
-) -> publishing.PublishResult:
-    """The run's ranked list in history and, unless a backfill, swapped in as `customer_scores`."""
-    return publishing.publish_scores(
+@task(name="build-target-list", **TASK_OPTIONS)
+def build_target_list(
+    warehouse: Warehouse,
+    settings: Settings,
+    run_id: str,
+    model_version: str,
+    as_of: date,
+    runs: SortedRuns | None,
+) -> publishing.TargetList:
+    """The run's ranked list built beside the live one; repeated customer ids moved to rejects."""
+    return publishing.build_target_list(
         warehouse.engine,
         warehouse.tables,
         settings,
         run_id,
         model_version,
         datetime.now(UTC),
-        replace_current,
+        as_of,
+        runs,
+    )
+
+
+@task(name="check-run-gates", **TASK_OPTIONS)
+def check_run_gates(warehouse: Warehouse, result: scoring.StageResult, settings: Settings) -> None:
+    """Raise when the run cannot produce a trustworthy list (empty, too many rejects, lost rows)."""
+    try:
+        scoring.check_run_gates(result, settings.max_reject_share)
+    except scoring.RunGateError:
+        publishing.discard_target_list(warehouse.engine, warehouse.tables)
+        raise
+
+
+@task(name="publish-target-list", **TASK_OPTIONS)
+def publish_target_list(
+    warehouse: Warehouse,
+    settings: Settings,
+    built: publishing.TargetList,
+    replace_current: bool,
+) -> publishing.PublishResult:
+    """The built list swapped in as `customer_scores` and into history (a backfill: history)."""
+    return publishing.publish_target_list(
+        warehouse.engine, warehouse.tables, settings, built, replace_current
     )
 
 
@@ -263,8 +286,8 @@ def _score_locked(logger, settings, warehouse, store, run_id, as_of, publish) ->
             "champion model %s loaded (holdout AUC %s)", model.version, model.metrics.get("auc")
         )
         result = stage_all(settings, model, run_id, as_of, settings.partitions)
-        duplicates = reject_duplicate_customers(warehouse, run_id, as_of, settings.chunk_size)
-        result = scoring.account_duplicates(result, duplicates)
+        built = build_target_list(warehouse, settings, run_id, model.version, as_of, result.runs)
+        result = scoring.account_duplicates(result, built.duplicates)
         logger.info(
             "%s rows in: %s scored, %s rejected %s",
             result.rows_in,
@@ -273,9 +296,9 @@ def _score_locked(logger, settings, warehouse, store, run_id, as_of, publish) ->
             dict(result.reject_counts),
         )
         record_run(warehouse, run_id, scoring.run_figures(result, model.version))
-        check_run_gates(result, settings)
+        check_run_gates(warehouse, result, settings)
         figures = scoring.run_figures(result, model.version)
-        published = publish_target_list(warehouse, settings, run_id, model.version, publish)
+        published = publish_target_list(warehouse, settings, built, publish)
         logger.info(
             "%s %s customers (%s targets) in %.1fs",
             "published" if publish else "backfilled into history",

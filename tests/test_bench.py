@@ -39,7 +39,7 @@ def test_small_bench_fills_the_warehouse_and_reports_sane_figures(bench_settings
         assert 0 < seconds < 120
     assert report.naive_rows == 3_000 and not report.naive_sampled
     assert report.model_rows_per_s > 0 and report.reason_rows_per_s > 0
-    assert set(report.pipeline_steps) == {"clear", "stage", "duplicates", "publish"}
+    assert set(report.pipeline_steps) == {"clear", "stage", "rank", "publish"}
     assert report.peak_rss_mb > 50
 
     figures = json.loads(json.dumps(report.to_json()))

@@ -11,6 +11,7 @@ import pytest
 
 from audiobooks_scoring.contract import (
     ACTIVITY_COLUMNS,
+    CUSTOMER_ID,
     FEATURES,
     REASON_CODES,
     ContractError,
@@ -69,6 +70,70 @@ def test_each_rule_rejects_with_its_reason_code(change, code):
     rejected = checked.rejected.iloc[0]
     assert rejected["run_id"] == "run-1"
     assert set(json.loads(rejected["raw_values"])) == set(ACTIVITY_COLUMNS)
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "detail"),
+    [
+        (
+            {"customer_id": None, "price_avg": "twelve"},
+            "missing_customer_id",
+            "customer_id: customer_id is missing or not a whole number",
+        ),
+        ({"completion": "x", "price_avg": "y"}, "not_numeric", "price_avg: not a number"),
+        ({"price_avg": "twelve", "completion": None}, "not_numeric", "price_avg: not a number"),
+        ({"completion": None, "price_total": np.inf}, "missing_value", "completion: missing"),
+        ({"review": None, "price_avg": None}, "missing_value", "price_avg: missing"),
+        ({"review": -np.inf}, "infinite_value", "review: infinite"),
+        (
+            {"minutes_listened": np.inf, "support_requests": -1.0},
+            "infinite_value",
+            "minutes_listened: infinite",
+        ),
+        ({"price_total": -1.0, "price_avg": -2.0}, "negative_value", "price_avg: negative"),
+        ({"price_total": -1.0, "completion": 1.5}, "negative_value", "price_total: negative"),
+        (
+            {"completion": 1.5, "review": 2.0},
+            "completion_out_of_range",
+            "completion: outside [0, 1]",
+        ),
+        ({"review": 2.0, "review_score": 11.0}, "review_not_binary", "review: not 0 or 1"),
+        (
+            {"review_score": 0.0, "price_avg": 25.0},
+            "review_score_out_of_range",
+            "review_score: outside [1, 10]",
+        ),
+        (
+            {"book_length_avg_min": 4000.0, "price_avg": 25.0},
+            "average_above_total",
+            "book_length_avg_min > book_length_total_min",
+        ),
+        ({"price_avg": 25.0}, "average_above_total", "price_avg > price_total"),
+    ],
+)
+def test_the_first_failing_rule_gives_the_reason(change, code, detail):
+    checked = validate_chunk(frame_of({}, change, {}), "run-1", NOW)
+    assert checked.rejected[["reason_code", "reason"]].values.tolist() == [[code, detail]]
+    assert checked.rejected[CUSTOMER_ID].tolist() == [
+        None if change.get(CUSTOMER_ID, 2) is None else "2"
+    ]
+    assert list(checked.valid[CUSTOMER_ID]) == [1, 3]
+
+
+def test_a_clean_chunk_gives_a_valid_frame_of_its_own():
+    frame = frame_of({}, {}, {})
+    frame.index = [10, 11, 12]
+    before = frame.copy()
+    checked = validate_chunk(frame, "run-1", NOW)
+    assert checked.rejected.empty
+    valid = checked.valid
+    assert list(valid.index) == [0, 1, 2] and list(valid.columns) == list(ACTIVITY_COLUMNS)
+    assert valid[CUSTOMER_ID].dtype == np.dtype("int64")
+    valid.loc[0, "price_avg"] = 99.0
+    valid["completion"] += 0.25
+    pd.testing.assert_frame_equal(frame, before)
+    assert valid["price_avg"].tolist() == [99.0, 10.0, 10.0]
+    assert valid["completion"].tolist() == [0.75, 0.75, 0.75]
 
 
 def test_every_row_is_either_valid_or_rejected_and_input_is_untouched():

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from audiobooks_scoring.contract import CUSTOMER_ID, FEATURES, WINDOW_END
 from audiobooks_scoring.loading import load_demo_data
 from audiobooks_scoring.settings import Settings
-from audiobooks_scoring.warehouse import init_warehouse, read_frame, write_frame
+from audiobooks_scoring.warehouse import init_warehouse, read_frame, reasons_column, write_frame
 from tests.conftest import make_settings
 from tests.test_scoring_integration import VALID_ROW
 
@@ -56,7 +56,11 @@ def use_settings(monkeypatch, settings: Settings, **extra) -> None:
 
 def published_list(warehouse) -> pd.DataFrame:
     scores = warehouse.tables.scores
-    columns = [scores.c[CUSTOMER_ID], *(scores.c[name] for name in PUBLISHED)]
+    columns = [
+        scores.c[CUSTOMER_ID],
+        *(scores.c[name] for name in PUBLISHED if name != "reasons"),
+        reasons_column(),
+    ]
     frame = read_frame(warehouse.engine, select(*columns).order_by(scores.c[CUSTOMER_ID]))
     return frame.reset_index(drop=True)
 

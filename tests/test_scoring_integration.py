@@ -121,7 +121,8 @@ def test_rerun_of_a_run_id_replaces_only_its_own_rows(settings, warehouse):
     staging = read_frame(
         warehouse.engine, select(func.count()).select_from(warehouse.tables.staging)
     )
-    assert staging.iloc[0, 0] == first["rows_scored"]
+    assert staging.iloc[0, 0] == 0  # one process ranks its spilled runs, staging nothing
+    assert not list((settings.data_dir / "spill").iterdir())  # and removes the spill files
 
 
 @pytest.mark.parametrize("problem", ["empty", "all_bad", "missing_column"])

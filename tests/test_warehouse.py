@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import tracemalloc
-from datetime import date
+from datetime import date, timedelta
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 
+from audiobooks_scoring.bench import _binary_ids
 from audiobooks_scoring.contract import CUSTOMER_ID, FEATURES, WINDOW_END
 from audiobooks_scoring.loading import load_csv
 from audiobooks_scoring.warehouse import (
+    WarehouseError,
     create_tables,
     create_warehouse_engine,
     load_source_sql,
     read_frame,
+    stream_copy_chunks,
     stream_query,
     write_frame,
 )
@@ -126,3 +129,111 @@ def test_engine_errors_and_reprs_never_show_the_password():
     with pytest.raises(Exception) as raised:
         engine.connect()
     assert "s3cr3t-XYZ" not in str(raised.value)
+
+
+FIXED_COLUMNS = ("id", "i4", "i2", "f4", "f8", "flag", "day")
+COPY_CHUNK = 4
+
+
+@pytest.fixture
+def fixed_width_table(postgres_schema):
+    """A PostgreSQL table of every fixed-width type the binary COPY path reads."""
+    url, schema = postgres_schema
+    engine = create_warehouse_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+        conn.execute(
+            text(
+                f"CREATE TABLE {schema}.fixed (seq integer, id bigint, i4 integer, i2 smallint,"
+                " f4 real, f8 double precision, flag boolean, day date, label text)"
+            )
+        )
+    yield engine, f"{schema}.fixed"
+    engine.dispose()
+
+
+def fixed_rows(count: int, nulls: set[int]) -> list[tuple]:
+    """Rows whose position p, if in `nulls`, holds a NULL in column p % 8 (7: in every column)."""
+    rows = []
+    for p in range(count):
+        row = [2**40 + p, -p, 3 * p, p * 0.25, p / 3, p % 2 == 0, date(2026, 1, 1), f"c{p}"]
+        row[6] += timedelta(days=p)
+        if p in nulls:
+            row = [None] * len(row) if p % 8 == 7 else [*row[: p % 8], None, *row[p % 8 + 1 :]]
+        rows.append(tuple(row))
+    return rows
+
+
+def fill_fixed(fixed_width_table, rows: list[tuple]) -> None:
+    engine, table = fixed_width_table
+    if not rows:
+        return
+    names = (*FIXED_COLUMNS, "label")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"INSERT INTO {table} (seq, {', '.join(names)})"
+                f" VALUES (:seq, {', '.join(':' + name for name in names)})"
+            ),
+            [dict(zip(names, row, strict=True), seq=p) for p, row in enumerate(rows)],
+        )
+
+
+def frame_values(frame: pd.DataFrame) -> list[tuple]:
+    """Rows as Python values, NULL (NaN or None) as None."""
+    return [
+        tuple(None if value is None or value != value else value for value in row)
+        for row in frame.itertuples(index=False, name=None)
+    ]
+
+
+COPY_CASES = {
+    "no rows": (0, set()),
+    "one chunk exactly": (COPY_CHUNK, set()),
+    "two chunks exactly": (2 * COPY_CHUNK, set()),
+    "a short last chunk": (2 * COPY_CHUNK + 1, set()),
+    "nulls mid, at chunk ends and starts": (2 * COPY_CHUNK, {1, 3, 4, 7}),
+    "a null in every row": (2 * COPY_CHUNK, set(range(2 * COPY_CHUNK))),
+    "a null in the only row": (1, {0}),
+    "a last chunk of one null row": (COPY_CHUNK + 1, {COPY_CHUNK}),
+}
+
+
+@pytest.mark.parametrize(("count", "nulls"), COPY_CASES.values(), ids=COPY_CASES.keys())
+def test_binary_copy_streams_every_row_in_order_with_its_nulls(fixed_width_table, count, nulls):
+    rows = fixed_rows(count, nulls)
+    fill_fixed(fixed_width_table, rows)
+    engine, table = fixed_width_table
+    sql = f"SELECT {', '.join(FIXED_COLUMNS)} FROM {table} ORDER BY seq"
+    sizes = [min(COPY_CHUNK, count - start) for start in range(0, count, COPY_CHUNK)]
+
+    frames = list(stream_query(engine, sql, {}, COPY_CHUNK))
+    assert [len(frame) for frame in frames] == sizes
+    assert all(tuple(frame.columns) == FIXED_COLUMNS for frame in frames)
+    got = [value for frame in frames for value in frame_values(frame)]
+    assert got == [row[: len(FIXED_COLUMNS)] for row in rows]
+
+    chunks = list(stream_copy_chunks(engine, sql, {}, COPY_CHUNK))
+    assert [chunk.rows for chunk in chunks] == sizes
+    starts = range(0, count, COPY_CHUNK)
+    irregular = [
+        start + position
+        for start, chunk in zip(starts, chunks, strict=True)
+        for position, _ in chunk.irregular
+    ]
+    assert irregular == sorted(nulls)
+    ids = np.concatenate([_binary_ids(chunk) for chunk in chunks]) if chunks else []
+    assert list(ids) == [row[0] or 0 for row in rows]
+
+
+def test_text_columns_stream_through_csv_copy(fixed_width_table):
+    rows = fixed_rows(2 * COPY_CHUNK + 1, {1, 4})
+    fill_fixed(fixed_width_table, rows)
+    engine, table = fixed_width_table
+    sql = f"SELECT id, i4, label FROM {table} ORDER BY seq"
+    frames = list(stream_query(engine, sql, {}, COPY_CHUNK))
+    assert [len(frame) for frame in frames] == [COPY_CHUNK, COPY_CHUNK, 1]
+    got = [value for frame in frames for value in frame_values(frame)]
+    assert got == [(row[0], row[1], row[7]) for row in rows]
+    with pytest.raises(WarehouseError, match="fixed-width"):
+        next(stream_copy_chunks(engine, sql, {}, COPY_CHUNK))

@@ -9,7 +9,7 @@ SELECT
     reason_1,
     reason_2,
     reason_3,
-    reasons,
+    {reason_labels} AS reasons,
     model_version,
     run_id,
     scored_at
@@ -29,4 +29,24 @@ SELECT
     sum(CASE WHEN is_target THEN 1 ELSE 0 END) AS targets,
     sum(CASE WHEN holdout THEN 1 ELSE 0 END) AS holdout_customers
 FROM {scores_table}
-GROUP BY decile
+GROUP BY decile;
+
+-- customer_scores_explained: every customer of the current list, with the reason codes
+-- in plain language (`reasons`, e.g. "listened for many minutes; left a review").
+CREATE VIEW {customer_scores_explained_view} AS
+SELECT
+    customer_id,
+    window_end,
+    probability,
+    rank,
+    decile,
+    is_target,
+    holdout,
+    reason_1,
+    reason_2,
+    reason_3,
+    {reason_labels} AS reasons,
+    model_version,
+    run_id,
+    scored_at
+FROM {scores_table}

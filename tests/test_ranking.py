@@ -1,0 +1,98 @@
+"""Ranking on the scoring machine: sorted runs merged in bounded memory give the exact order."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audiobooks_scoring.contract import CUSTOMER_ID
+from audiobooks_scoring.ranking import (
+    campaign_limit,
+    decile_of_ranks,
+    ranked_columns,
+    spill_runs,
+)
+from audiobooks_scoring.settings import Settings
+from audiobooks_scoring.warehouse import CodedColumn
+
+
+def spill_chunks(tmp_path, chunks):
+    runs = spill_runs(tmp_path / "spill")
+    for ids, probability in chunks:
+        count = len(ids)
+        runs.add(
+            np.asarray(ids, dtype=np.int64),
+            np.asarray(probability, dtype=np.float64),
+            np.asarray(ids, dtype=np.int64) % 7 == 0,
+            CodedColumn(np.zeros(count, dtype=np.int64), (date(2026, 1, 1),)),
+            np.tile(np.array([[0, 3, -1]], dtype=np.int8), (count, 1)),
+        )
+    return runs
+
+
+def collect(runs, settings):
+    batches = list(ranked_columns(runs, settings))
+    return {
+        name: np.concatenate([columns[name] for columns, _ in batches])
+        for name in (CUSTOMER_ID, "probability", "rank", "decile", "is_target", "holdout")
+    }
+
+
+@pytest.mark.parametrize(
+    ("rows", "chunk", "block"),
+    [(1, 1, 4), (9, 4, 2), (1_000, 130, 16), (5_000, 5_000, 64), (20_011, 997, 1_000)],
+)
+def test_merged_runs_rank_like_one_full_sort(tmp_path, rows, chunk, block):
+    rng = np.random.default_rng(rows)
+    ids = rng.permutation(rows * 3)[:rows]
+    probability = np.round(rng.random(rows), 2)  # many ties: the id decides
+    runs = spill_chunks(
+        tmp_path, [(ids[i : i + chunk], probability[i : i + chunk]) for i in range(0, rows, chunk)]
+    )
+    merged = np.concatenate([b[CUSTOMER_ID] for b in runs.merged(block_rows=block)])
+    expected = ids[np.lexsort((ids, -probability))]
+    assert np.array_equal(merged, expected)
+
+
+@pytest.mark.parametrize("population", [1, 7, 10, 11, 19, 100, 1_003])
+def test_deciles_match_ntile(population):
+    ranks = np.arange(1, population + 1)
+    buckets = np.array_split(ranks, 10)  # ntile(10): the first buckets one row larger
+    expected = np.concatenate(
+        [np.full(len(bucket), index + 1) for index, bucket in enumerate(buckets)]
+    )
+    assert np.array_equal(decile_of_ranks(ranks, population), expected)
+
+
+@pytest.mark.parametrize(
+    ("mode", "value"), [("top_n", 50), ("top_share", 0.25), ("min_probability", 0.6)]
+)
+def test_ranked_columns_flag_targets_outside_the_holdout(tmp_path, mode, value):
+    rng = np.random.default_rng(3)
+    ids = np.arange(1, 1_001)
+    probability = rng.random(1_000)
+    runs = spill_chunks(tmp_path, [(ids[:400], probability[:400]), (ids[400:], probability[400:])])
+    settings = Settings(campaign_mode=mode, campaign_value=value)
+    ranked = collect(runs, settings)
+    assert np.array_equal(ranked["rank"], np.arange(1, 1_001))
+    assert not (ranked["is_target"] & ranked["holdout"]).any()
+    limit = campaign_limit(settings, runs.non_holdout)
+    if limit is None:
+        expected = ~ranked["holdout"] & (ranked["probability"] >= value)
+    else:
+        eligible = np.flatnonzero(~ranked["holdout"])[:limit]
+        expected = np.zeros(1_000, dtype=bool)
+        expected[eligible] = True
+    assert np.array_equal(ranked["is_target"], expected)
+
+
+def test_spill_files_are_removed_and_leftovers_cleared(tmp_path):
+    runs = spill_chunks(tmp_path, [([1, 2], [0.1, 0.2])])
+    assert runs.paths
+    again = spill_runs(tmp_path / "spill")  # the next run clears what a dead run left
+    assert not any(Path(path).exists() for path in runs.paths)
+    again.remove()
+    assert not list((tmp_path / "spill").iterdir())
