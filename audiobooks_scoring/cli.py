@@ -429,6 +429,9 @@ def bench(
         str | None, typer.Option(help="Warehouse URL (default: the configured one).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Rounds of floor, pipeline and naive; best kept.")
+    ] = 3,
 ) -> None:
     """Measure the floor, the pipeline and a naive notebook pipeline on one population."""
     from audiobooks_scoring.bench import run_bench
@@ -436,7 +439,7 @@ def bench(
     settings = _settings()
     if warehouse:
         settings = settings.model_copy(update={"warehouse_url": SecretStr(warehouse)})
-    report = run_bench(settings, customers)
+    report = run_bench(settings, customers, repeats)
     if as_json:
         sys.stdout.write(json.dumps(report.to_json()) + "\n")
     else:

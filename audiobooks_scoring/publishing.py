@@ -31,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -75,6 +76,7 @@ from audiobooks_scoring.warehouse import (
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+LIST_WRITERS = 2
 
 TRANSIENT_SQLSTATES = ("08", "40001", "40P01", "55P03", "57P01", "57P02", "57P03")
 # Connection failures carry no SQLSTATE; these ones will not heal by waiting.
@@ -548,11 +550,16 @@ def _build_from_runs(
         next_table.drop(conn, checkfirst=True)
         next_table.create(conn)
     rows = targets = 0
-    with bulk_writer(engine, next_table) as writer:
-        for columns, count in ranked_columns(runs, settings):
+    with ExitStack() as stack:
+        # Two COPY sessions on PostgreSQL: the server ingests with two backends at once.
+        writers = [
+            stack.enter_context(bulk_writer(engine, next_table))
+            for _ in range(LIST_WRITERS if postgres else 1)
+        ]
+        for batch, (columns, count) in enumerate(ranked_columns(runs, settings)):
             if not postgres:
                 columns.update(constants)
-            writer.write(columns, count)
+            writers[batch % len(writers)].write(columns, count)
             rows += count
             targets += int(np.count_nonzero(columns["is_target"]))
     with engine.begin() as conn:

@@ -36,6 +36,8 @@ RUN_RECORD = np.dtype(
     align=False,
 )
 MERGE_BLOCK_ROWS = 65_536
+MIN_MERGE_BLOCK_ROWS = 1_024
+MERGE_MEMORY_BYTES = 32 << 20
 SPILL_PREFIX = "ranking-"
 
 
@@ -94,8 +96,15 @@ class SortedRuns:
             self.window_ends.append(value)
         return self.window_ends.index(value)
 
-    def merged(self, block_rows: int = MERGE_BLOCK_ROWS) -> Iterator[np.ndarray]:
-        """The spilled rows in rank order, in blocks; memory is one block per run."""
+    def merged(self, block_rows: int | None = None) -> Iterator[np.ndarray]:
+        """The spilled rows in rank order, in blocks; memory is one block per run.
+
+        By default the blocks share `MERGE_MEMORY_BYTES`, so memory stays bounded however
+        many runs a large population spills.
+        """
+        if block_rows is None:
+            share = MERGE_MEMORY_BYTES // (max(len(self.paths), 1) * RUN_RECORD.itemsize)
+            block_rows = int(min(MERGE_BLOCK_ROWS, max(MIN_MERGE_BLOCK_ROWS, share)))
         readers = [_RunReader(path, block_rows) for path in self.paths]
         try:
             yield from _merge(readers)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -658,10 +660,16 @@ class _BinaryRowParser:
         return view[19 + extension :]
 
     def _check(self, data: np.ndarray) -> None:
+        """Every row's field count, and the first row's field lengths.
+
+        Rows of the expected length with the expected field count hold every field at full
+        width: the columns are fixed-width and a NULL field is shorter. The field lengths of
+        one row confirm the widths the query described.
+        """
         ok = bool((data["count"] == len(self.oids)).all())
         for index, oid in enumerate(self.oids):
             width = np.dtype(BINARY_TYPES[oid][0]).itemsize
-            ok = ok and bool((data[f"l{index}"] == width).all())
+            ok = ok and (len(data) == 0 or int(data[f"l{index}"][0]) == width)
         if not ok:
             raise WarehouseError("binary COPY rows do not have the layout the query described")
 
@@ -812,10 +820,11 @@ class ColumnWriter:
 def bulk_writer(engine: Engine, table: Table) -> Iterator[ColumnWriter]:
     """A writer of column batches to `table`; on PostgreSQL one transaction committed at the end.
 
-    On PostgreSQL one binary COPY stays open across batches, and psycopg's writer thread
-    feeds it to the server while the caller prepares the next batch (the server ingests
-    in parallel). Every batch must give the same columns the same way. Row order is not
-    kept. Elsewhere (SQLite, one writer at a time) each batch is its own transaction.
+    On PostgreSQL one binary COPY stays open across batches, and a sender thread feeds it to
+    the server while the caller prepares the next batch (the server ingests in parallel), at
+    most `COPY_BATCHES_AHEAD` batches behind, so memory stays bounded when the server is the
+    slower side. Every batch must give the same columns the same way. Row order is not kept.
+    Elsewhere (SQLite, one writer at a time) each batch is its own transaction.
     """
     if not is_postgres(engine):
 
@@ -826,8 +835,6 @@ def bulk_writer(engine: Engine, table: Table) -> Iterator[ColumnWriter]:
         yield ColumnWriter(write_committed)
         return
     with engine.begin() as conn, ExitStack() as stack:
-        from psycopg.copy import QueuedLibpqWriter
-
         raw = conn.connection.driver_connection
         opened: dict[str, Any] = {}
 
@@ -836,25 +843,67 @@ def bulk_writer(engine: Engine, table: Table) -> Iterator[ColumnWriter]:
             names = [*fixed, *(name for name, _ in coded)]
             if not opened:
                 cursor = stack.enter_context(raw.cursor())
-                copy = stack.enter_context(
-                    cursor.copy(
-                        _binary_copy_sql(conn, table, names), writer=QueuedLibpqWriter(cursor)
-                    )
-                )
-                copy.write(PGCOPY_HEADER)
-                opened.update(copy=copy, names=names)
+                copy = stack.enter_context(cursor.copy(_binary_copy_sql(conn, table, names)))
+                sender = stack.enter_context(_CopySender(copy))
+                sender.send([PGCOPY_HEADER])
+                opened.update(sender=sender, names=names)
             elif names != opened["names"]:
                 raise WarehouseError(
                     f"bulk writer to {table.name}: a batch gave the columns {names}, "
                     f"the first gave {opened['names']}"
                 )
-            for block in _binary_blocks(table, fixed, coded, rows):
-                opened["copy"].write(memoryview(block).cast("B"))
+            blocks = _binary_blocks(table, fixed, coded, rows)
+            opened["sender"].send([memoryview(block).cast("B") for block in blocks])
             return rows
 
         yield ColumnWriter(write_batch)
         if opened:
-            opened["copy"].write(PGCOPY_TRAILER)
+            opened["sender"].send([PGCOPY_TRAILER])
+
+
+COPY_BATCHES_AHEAD = 2
+
+
+class _CopySender:
+    """Writes batches of COPY data from a thread, at most `COPY_BATCHES_AHEAD` batches behind.
+
+    A context manager: leaving it waits for every queued batch and raises the sender's error.
+    """
+
+    def __init__(self, copy: Any) -> None:
+        self._copy = copy
+        self._batches: queue.Queue = queue.Queue(maxsize=COPY_BATCHES_AHEAD)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._send, name="copy-sender", daemon=True)
+
+    def __enter__(self) -> _CopySender:
+        self._thread.start()
+        return self
+
+    def _send(self) -> None:
+        while True:
+            batch = self._batches.get()
+            if batch is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                for piece in batch:
+                    self._copy.write(piece)
+            except BaseException as error:  # raised in the producer's thread
+                self._error = error
+
+    def send(self, batch: list) -> None:
+        """Queue one batch of COPY data (waits while the sender is behind)."""
+        if self._error is not None:
+            raise self._error
+        self._batches.put(batch)
+
+    def __exit__(self, *exc_info) -> None:
+        self._batches.put(None)
+        self._thread.join()
+        if self._error is not None and exc_info[0] is None:
+            raise self._error
 
 
 def _decoded_frame(columns: Mapping[str, Any], rows: int) -> pd.DataFrame:

@@ -32,7 +32,7 @@ def bench_settings(request, dialect, tmp_path, trained_store_dir):
 
 @pytest.mark.slow
 def test_small_bench_fills_the_warehouse_and_reports_sane_figures(bench_settings):
-    report = run_bench(bench_settings, 3_000)
+    report = run_bench(bench_settings, 3_000, repeats=2)
 
     assert report.customers == 3_000 == report.rows_scored + report.rows_rejected
     for seconds in (report.floor_s, report.pipeline_s, report.naive_s):
@@ -41,6 +41,7 @@ def test_small_bench_fills_the_warehouse_and_reports_sane_figures(bench_settings
     assert report.model_rows_per_s > 0 and report.reason_rows_per_s > 0
     assert set(report.pipeline_steps) == {"clear", "stage", "rank", "publish"}
     assert report.peak_rss_mb > 50
+    assert report.repeats == 2 and "best of 2 rounds" in report.describe()
 
     figures = json.loads(json.dumps(report.to_json()))
     assert JSON_KEYS <= set(figures)
@@ -58,7 +59,7 @@ def test_small_bench_fills_the_warehouse_and_reports_sane_figures(bench_settings
     assert published == report.rows_scored
     assert not {"bench_floor", "bench_naive"} & tables, "scratch tables are dropped"
 
-    again = run_bench(bench_settings, 3_000)  # the loaded population is reused
+    again = run_bench(bench_settings, 3_000, repeats=1)  # the loaded population is reused
     assert again.customers == 3_000
     warehouse.engine.dispose()
 

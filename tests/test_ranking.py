@@ -96,3 +96,20 @@ def test_spill_files_are_removed_and_leftovers_cleared(tmp_path):
     assert not any(Path(path).exists() for path in runs.paths)
     again.remove()
     assert not list((tmp_path / "spill").iterdir())
+
+
+def test_merge_blocks_share_a_fixed_memory_budget(tmp_path, monkeypatch):
+    import audiobooks_scoring.ranking as ranking
+
+    monkeypatch.setattr(ranking, "MERGE_MEMORY_BYTES", 40 * 24 * 20)  # 20 rows a run, 40 runs
+    monkeypatch.setattr(ranking, "MIN_MERGE_BLOCK_ROWS", 10)
+    rng = np.random.default_rng(5)
+    ids = np.arange(4_000)
+    probability = rng.random(4_000)
+    runs = spill_chunks(
+        tmp_path, [(ids[i : i + 100], probability[i : i + 100]) for i in range(0, 4_000, 100)]
+    )
+    blocks = list(runs.merged())
+    assert max(len(block) for block in blocks) <= 40 * 20
+    merged = np.concatenate([block[CUSTOMER_ID] for block in blocks])
+    assert np.array_equal(merged, ids[np.lexsort((ids, -probability))])

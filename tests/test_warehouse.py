@@ -9,22 +9,25 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from sqlalchemy import inspect, select, text
+from sqlalchemy import func, inspect, select, text
 
 from audiobooks_scoring.bench import _binary_ids
 from audiobooks_scoring.contract import CUSTOMER_ID, FEATURES, WINDOW_END
 from audiobooks_scoring.loading import load_csv
 from audiobooks_scoring.warehouse import (
+    CodedColumn,
     WarehouseError,
+    bulk_writer,
     create_tables,
     create_warehouse_engine,
+    init_warehouse,
     load_source_sql,
     read_frame,
     stream_copy_chunks,
     stream_query,
     write_frame,
 )
-from tests.conftest import REAL_CSV
+from tests.conftest import REAL_CSV, make_settings
 
 
 def activity_frame(count: int, seed: int = 0) -> pd.DataFrame:
@@ -237,3 +240,43 @@ def test_text_columns_stream_through_csv_copy(fixed_width_table):
     assert got == [(row[0], row[1], row[7]) for row in rows]
     with pytest.raises(WarehouseError, match="fixed-width"):
         next(stream_copy_chunks(engine, sql, {}, COPY_CHUNK))
+
+
+def test_bulk_writer_appends_every_batch_and_commits_once(warehouse):
+    activity = warehouse.tables.activity
+    frame = activity_frame(9_000)
+    with bulk_writer(warehouse.engine, activity) as writer:
+        for start in range(0, len(frame), 2_000):
+            piece = frame.iloc[start : start + 2_000]
+            columns = {name: piece[name].to_numpy() for name in (CUSTOMER_ID, *FEATURES)}
+            columns[WINDOW_END] = CodedColumn(
+                np.zeros(len(piece), dtype=np.int64), (date(2026, 11, 1),)
+            )
+            writer.write(columns, len(piece))
+    assert writer.rows == len(frame)
+    back = read_frame(warehouse.engine, select(activity).order_by(activity.c[CUSTOMER_ID]))
+    back[WINDOW_END] = pd.to_datetime(back[WINDOW_END]).dt.date
+    pd.testing.assert_frame_equal(back, frame, check_exact=True, check_dtype=False)
+
+
+def test_bulk_writer_failing_batch_writes_nothing_on_postgres(tmp_path, postgres_schema):
+    """One COPY transaction on PostgreSQL (SQLite commits each batch on its own)."""
+    warehouse = init_warehouse(make_settings(tmp_path, "postgres", postgres_schema))
+    scores = warehouse.tables.staging
+    good = {
+        "run_id": "r",
+        CUSTOMER_ID: np.arange(3),
+        "probability": np.full(3, 0.5),
+        "holdout": np.zeros(3, dtype=bool),
+        "partition_no": 0,
+    }
+    with pytest.raises(Exception, match="null value|not-null"):
+        with bulk_writer(warehouse.engine, scores) as writer:
+            for _ in range(5):
+                writer.write(good, 3)
+            writer.write({**good, "run_id": None}, 3)  # NOT NULL column: the server refuses
+            for _ in range(5):
+                writer.write(good, 3)
+    count = read_frame(warehouse.engine, select(func.count()).select_from(scores)).iloc[0, 0]
+    assert count == 0
+    warehouse.engine.dispose()
