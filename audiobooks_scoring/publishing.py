@@ -748,13 +748,21 @@ def _swap_sqlite(
 _PARTITION_OF_RUN_SQL = text(
     "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid "
     "WHERE i.inhparent = to_regclass(:history) "
-    "AND pg_get_expr(c.relpartbound, c.oid) = format('FOR VALUES IN (%L)', CAST(:run_id AS text))"
+    "AND pg_get_expr(c.relpartbound, c.oid) = :bound"
 )
 _PARTITION_BOUND_SQL = text(
     "SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits AS i "
     "JOIN pg_class AS c ON c.oid = i.inhrelid "
     "WHERE i.inhparent = to_regclass(:history) AND c.oid = to_regclass(:relation)"
 )
+
+
+def partition_bound(run_id: str) -> str:
+    """The run's history partition bound, spelled as PostgreSQL prints it (`pg_get_expr`).
+
+    Standard-conforming strings (the default): quotes are doubled, backslashes are not.
+    """
+    return "FOR VALUES IN ('" + run_id.replace("'", "''") + "')"
 
 
 def history_partition_name(tables: WarehouseTables, bound: str) -> str:
@@ -770,15 +778,14 @@ def _swap_postgres(
     pause_at("after_staging")
     with engine.begin() as conn:
         conn.execute(text(f"SET LOCAL lock_timeout = {int(settings.lock_timeout_ms)}"))
+        conn.execute(text("SET LOCAL standard_conforming_strings = on"))  # `partition_bound`
         check_run_lock(conn, tables)
         history = qualified_name(conn, tables.history)
         live = qualified_name(conn, tables.scores)
         built = qualified_name(conn, next_table)
         if conn.execute(text("SELECT to_regclass(:name)"), {"name": built}).scalar() is None:
             raise PublicationError(f"no built list {next_table.name} to publish for run {run_id}")
-        bound = conn.execute(
-            text("SELECT format('FOR VALUES IN (%L)', CAST(:run_id AS text))"), {"run_id": run_id}
-        ).scalar_one()
+        bound = partition_bound(run_id)
         live_bound = conn.execute(
             _PARTITION_BOUND_SQL, {"history": history, "relation": live}
         ).scalar()
@@ -787,7 +794,7 @@ def _swap_postgres(
         grants = {relation: _relation_grants(conn, relation) for relation in relations}
         if replace:
             drop_views(conn, tables)
-        earlier = conn.execute(_PARTITION_OF_RUN_SQL, {"history": history, "run_id": run_id})
+        earlier = conn.execute(_PARTITION_OF_RUN_SQL, {"history": history, "bound": bound})
         for (name,) in earlier.all():
             partition = _in_schema(conn, tables, name)
             conn.execute(text(f"ALTER TABLE {history} DETACH PARTITION {partition}"))

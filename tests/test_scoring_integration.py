@@ -185,3 +185,21 @@ def test_holdout_is_excluded_from_targets_and_views(settings, warehouse):
     assert set(targets[CUSTOMER_ID]).isdisjoint(set(scores.loc[scores["holdout"], CUSTOMER_ID]))
     top = scores[~scores["holdout"]].head(figures["targets"])
     assert set(top[CUSTOMER_ID]) == set(targets[CUSTOMER_ID])
+
+
+@pytest.mark.parametrize("odd_run_id", ["it's-a-run", "back\\slash'; DROP TABLE x; --"])
+def test_run_ids_with_quotes_and_backslashes_replace_their_own_rows(
+    settings, warehouse, odd_run_id
+):
+    fill_activity(warehouse, customers=600)
+    first = run_scoring(settings, warehouse, odd_run_id, AS_OF)
+    run_scoring(settings, warehouse, "plain", AS_OF)
+    run_scoring(settings, warehouse, odd_run_id, AS_OF)  # a re-run replaces its partition
+    history = warehouse.tables.history
+    counts = dict(
+        read_frame(
+            warehouse.engine, select(history.c.run_id, func.count()).group_by(history.c.run_id)
+        ).itertuples(index=False)
+    )
+    assert counts == {odd_run_id: first["rows_scored"], "plain": first["rows_scored"]}
+    assert set(scores_dump(warehouse)["run_id"]) == {odd_run_id}
