@@ -27,7 +27,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -58,13 +57,18 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from audiobooks_scoring.contract import CUSTOMER_ID, SCORE_REASON_CODES, WINDOW_END
-from audiobooks_scoring.ranking import SortedRuns, ranked_columns
+from audiobooks_scoring.contract import CUSTOMER_ID, WINDOW_END
+from audiobooks_scoring.ranking import (
+    SortedRuns,
+    campaign_limit,
+    decile_bounds,
+    ranked_columns,
+    record_columns,
+)
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import (
     RANKED_COLUMNS,
     VIEW_NAMES,
-    CodedColumn,
     WarehouseTables,
     bulk_writer,
     create_views,
@@ -344,23 +348,10 @@ def record_run_end(engine: Engine, tables: WarehouseTables, run_id: str, **figur
 
 def campaign_condition(settings: Settings, non_holdout_count: int, campaign_rank, probability):
     """The SQL condition that makes a non-holdout customer a campaign target."""
-    if settings.campaign_mode == "min_probability":
+    limit = campaign_limit(settings, non_holdout_count)
+    if limit is None:
         return probability >= settings.campaign_value
-    if settings.campaign_mode == "top_n":
-        limit = int(settings.campaign_value)
-    else:
-        limit = math.ceil(settings.campaign_value * non_holdout_count)
     return campaign_rank <= limit
-
-
-def decile_bounds(population: int) -> list[int]:
-    """The last rank of deciles 1..9 of `ntile(10)` over `population` ranked rows."""
-    size, larger = divmod(population, 10)
-    bounds, last = [], 0
-    for decile in range(9):
-        last += size + (1 if decile < larger else 0)
-        bounds.append(last)
-    return bounds
 
 
 def ranked_scores_select(
@@ -369,13 +360,11 @@ def ranked_scores_select(
     run_id: str,
     population: int,
     non_holdout_count: int,
-    constants: dict[str, Any] | None = None,
 ):
     """SELECT of a run's staged rows with rank, decile and target flag (one sort, one window).
 
     Rank is 1 for the most likely buyer (ties: lower customer id first); deciles are
-    `ntile(10)` of the rank, computed from the known population. `constants` (model
-    version, run id, scored at) are added as literal columns when given.
+    `ntile(10)` of the rank, computed from the known population.
     """
     staging = tables.staging
     order = (staging.c.probability.desc(), staging.c[CUSTOMER_ID].asc())
@@ -408,7 +397,7 @@ def ranked_scores_select(
             settings, non_holdout_count, ranked.c.campaign_rank, ranked.c.probability
         ),
     )
-    columns = [
+    return select(
         ranked.c[CUSTOMER_ID],
         ranked.c[WINDOW_END],
         ranked.c.probability,
@@ -419,10 +408,7 @@ def ranked_scores_select(
         ranked.c.reason_1,
         ranked.c.reason_2,
         ranked.c.reason_3,
-    ]
-    for name, value in (constants or {}).items():
-        columns.append(literal(value, type_=tables.scores.c[name].type).label(name))
-    return select(*columns)
+    )
 
 
 def next_scores_table(tables: WarehouseTables, narrow: bool) -> Table:
@@ -576,19 +562,8 @@ def _stage_runs(engine: Engine, tables: WarehouseTables, runs: SortedRuns, run_i
     """Copy spilled rows into the staging table (to rank them in the warehouse instead)."""
     with bulk_writer(engine, tables.staging) as writer:
         for block in runs.merged():
-            columns = {
-                "run_id": run_id,
-                CUSTOMER_ID: block[CUSTOMER_ID],
-                WINDOW_END: CodedColumn(
-                    block["window_end"].astype(np.int64), tuple(runs.window_ends)
-                ),
-                "probability": block["probability"],
-                "holdout": block["holdout"].astype(bool),
-                "partition_no": 0,
-            }
-            for name in ("reason_1", "reason_2", "reason_3"):
-                columns[name] = CodedColumn(block[name].astype(np.int64), SCORE_REASON_CODES)
-            writer.write(columns, len(block))
+            columns = record_columns(block, tuple(runs.window_ends))
+            writer.write({**columns, "run_id": run_id, "partition_no": 0}, len(block))
 
 
 def _unique_violation(error: DBAPIError) -> bool:

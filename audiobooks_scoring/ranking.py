@@ -178,9 +178,18 @@ def _merge(readers: list[_RunReader]) -> Iterator[np.ndarray]:
 
 def decile_of_ranks(ranks: np.ndarray, population: int) -> np.ndarray:
     """`ntile(10)` of 1-based ranks over `population` rows."""
-    size, larger = divmod(population, 10)
-    bounds = np.cumsum([size + (1 if decile < larger else 0) for decile in range(9)])
+    bounds = decile_bounds(population)
     return (np.searchsorted(bounds, ranks, side="left") + 1).astype(np.int16)
+
+
+def decile_bounds(population: int) -> list[int]:
+    """The last rank of deciles 1..9 of `ntile(10)` over `population` ranked rows."""
+    size, larger = divmod(population, 10)
+    bounds, last = [], 0
+    for decile in range(9):
+        last += size + (1 if decile < larger else 0)
+        bounds.append(last)
+    return bounds
 
 
 def campaign_limit(settings: Settings, non_holdout: int) -> int | None:
@@ -192,6 +201,20 @@ def campaign_limit(settings: Settings, non_holdout: int) -> int | None:
     return math.ceil(settings.campaign_value * non_holdout)
 
 
+def record_columns(block: np.ndarray, window_ends: tuple) -> dict:
+    """A block of run records as the list's per-customer columns (codes for the text ones)."""
+    columns = {
+        CUSTOMER_ID: block[CUSTOMER_ID],
+        WINDOW_END: CodedColumn(block["window_end"].astype(np.int64), window_ends),
+        "probability": block["probability"],
+        "holdout": block["holdout"].astype(bool),
+    }
+    for slot in range(3):
+        name = f"reason_{slot + 1}"
+        columns[name] = CodedColumn(block[name].astype(np.int64), SCORE_REASON_CODES)
+    return columns
+
+
 def ranked_columns(runs: SortedRuns, settings: Settings) -> Iterator[tuple[dict, int]]:
     """The finished list in rank order, as (columns, rows) batches for `write_columns`."""
     limit = campaign_limit(settings, runs.non_holdout)
@@ -200,25 +223,17 @@ def ranked_columns(runs: SortedRuns, settings: Settings) -> Iterator[tuple[dict,
     window_ends = tuple(runs.window_ends)
     for block in runs.merged():
         count = len(block)
+        columns = record_columns(block, window_ends)
         ranks = np.arange(ranked + 1, ranked + count + 1, dtype=np.int64)
-        holdout = block["holdout"].astype(bool)
+        holdout = columns["holdout"]
         campaign_rank = campaign_ranked + np.cumsum(~holdout)
         if limit is None:
             chosen = block["probability"] >= settings.campaign_value
         else:
             chosen = campaign_rank <= limit
-        columns = {
-            CUSTOMER_ID: block[CUSTOMER_ID],
-            WINDOW_END: CodedColumn(block["window_end"].astype(np.int64), window_ends),
-            "probability": block["probability"],
-            "rank": ranks,
-            "decile": decile_of_ranks(ranks, runs.rows),
-            "is_target": ~holdout & chosen,
-            "holdout": holdout,
-        }
-        for slot in range(3):
-            name = f"reason_{slot + 1}"
-            columns[name] = CodedColumn(block[name].astype(np.int64), SCORE_REASON_CODES)
+        columns.update(
+            rank=ranks, decile=decile_of_ranks(ranks, runs.rows), is_target=~holdout & chosen
+        )
         yield columns, count
         ranked += count
         campaign_ranked += int(count - np.count_nonzero(holdout))

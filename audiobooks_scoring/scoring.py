@@ -28,7 +28,6 @@ from audiobooks_scoring.contract import (
     CUSTOMER_ID,
     FEATURES,
     SCORE_REASON_CODES,
-    SCORE_REASON_LABELS,
     WINDOW_END,
     ContractError,
     check_columns,
@@ -63,9 +62,7 @@ from audiobooks_scoring.warehouse import (
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REASON_LABELS = SCORE_REASON_LABELS
 REASON_COUNT = 3
-REASON_CODE_VALUES = SCORE_REASON_CODES
 SCORING_BLOCK_ROWS = 4_096  # rows per block of the float64 probability pass (cache-sized)
 REASON_BLOCK_ROWS = 8_192  # rows per block of the reason-code passes
 REASON_DENSE_SHARE = 0.7  # a feature moved in this share of a block's rows moves in all
@@ -314,7 +311,7 @@ def reason_contributions_fast(
 def reason_code_indices(
     contributions: np.ndarray, raw: np.ndarray, medians: np.ndarray
 ) -> np.ndarray:
-    """Per row, indices into `REASON_CODE_VALUES` of the (up to) three top reasons, -1 for none.
+    """Per row, indices into `SCORE_REASON_CODES` of the (up to) three top reasons, -1 for none.
 
     The top three are the largest contributions, ties going to the earlier feature (as a
     stable sort would); a reason is given only when its contribution is above 0.
@@ -376,8 +373,8 @@ def reason_codes(contributions: np.ndarray, raw: np.ndarray, medians: np.ndarray
 
 def decode_reasons(indices: np.ndarray) -> np.ndarray:
     """Reason code indices (-1 for none) as an object array of codes (None for none)."""
-    lookup = np.array([*REASON_CODE_VALUES, None], dtype=object)
-    return lookup[np.where(indices < 0, len(REASON_CODE_VALUES), indices)]
+    lookup = np.array([*SCORE_REASON_CODES, None], dtype=object)
+    return lookup[np.where(indices < 0, len(SCORE_REASON_CODES), indices)]
 
 
 def score_reasons(
@@ -587,7 +584,7 @@ def _stage_chunk(
         "partition_no": partition,
     }
     for slot in range(REASON_COUNT):
-        staged[f"reason_{slot + 1}"] = CodedColumn(reasons[:, slot], REASON_CODE_VALUES)
+        staged[f"reason_{slot + 1}"] = CodedColumn(reasons[:, slot], SCORE_REASON_CODES)
     if isinstance(staging, SortedRuns):
         staging.add(ids, staged["probability"], staged["holdout"], staged[WINDOW_END], reasons)
     else:

@@ -12,12 +12,13 @@ from threadpoolctl import threadpool_limits
 
 from audiobooks_scoring import scoring
 from audiobooks_scoring.contract import FEATURES
+from audiobooks_scoring.contract import SCORE_REASON_LABELS as REASON_LABELS
 from audiobooks_scoring.demo_data import generate_customers
 from audiobooks_scoring.exporting import export_targets
 from audiobooks_scoring.lifecycle import load_scoring_model
 from audiobooks_scoring.model import predict_probability, reason_contributions
 from audiobooks_scoring.model_store import ModelStore
-from audiobooks_scoring.scoring import REASON_LABELS, holdout_mask, score_features
+from audiobooks_scoring.scoring import holdout_mask, score_features
 from audiobooks_scoring.scoring_run import run_scoring
 from audiobooks_scoring.warehouse import read_frame
 from tests.test_scoring_integration import AS_OF, fill_activity
