@@ -33,6 +33,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,7 +64,6 @@ from audiobooks_scoring.ranking import (
     campaign_limit,
     decile_bounds,
     ranked_columns,
-    record_columns,
 )
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import (
@@ -81,6 +81,7 @@ from audiobooks_scoring.warehouse import (
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 LIST_WRITERS = 2
+LIST_STATISTICS_TARGET = 10  # ANALYZE samples 300 rows per unit of target
 
 TRANSIENT_SQLSTATES = ("08", "40001", "40P01", "55P03", "57P01", "57P02", "57P03")
 # Connection failures carry no SQLSTATE; these ones will not heal by waiting.
@@ -476,11 +477,12 @@ def build_target_list(
     """Rank the run's scored rows into `<scores>_next`, beside the live list, ready to publish.
 
     Rows spilled as sorted `runs` are merged on this machine and written once, in rank
-    order; otherwise the warehouse ranks the staged rows (partitioned runs). The list's
-    unique index on customer id doubles as the duplicate check: when it fails, every copy of
-    a duplicated id is moved to `rejected_rows` and the list is built again from staging.
-    On PostgreSQL the table holds the ranked columns only; the run's constants (model
-    version, run id, scored at) are column defaults kept in the catalog, not in every row.
+    order (their reason codes computed on the way); otherwise the warehouse ranks the staged
+    rows (partitioned runs). Customer ids are checked to be unique (a merge of the spilled
+    ids, or a query of the built list; the `customer_index` setting adds a unique index):
+    when one repeats, every copy of it is moved to `rejected_rows` and the list is built
+    again from staging. On PostgreSQL the table holds the ranked columns only; the run's
+    constants (model version, run id, scored at) are catalog defaults, not in every row.
     """
     from audiobooks_scoring.scoring import reject_duplicates
 
@@ -501,7 +503,11 @@ def build_target_list(
             runs.remove()
         except DBAPIError as error:
             raise _failed_publication(error, settings, run_id, "built") from error
-    build = _build_postgres if is_postgres(engine) else _build_sqlite
+    build = (
+        partial(_build_postgres, customer_index=settings.customer_index)
+        if is_postgres(engine)
+        else _build_sqlite
+    )
     duplicates = 0
     for attempt in range(2):
         population, non_holdout = count_staged(engine, tables, run_id)
@@ -529,6 +535,8 @@ def _build_from_runs(
     runs: SortedRuns,
     constants: dict[str, Any],
 ) -> tuple[int, int]:
+    if runs.repeats_customer_ids():
+        raise DuplicateCustomers("a customer id was scored twice")
     postgres = is_postgres(engine)
     next_table = next_scores_table(tables, narrow=postgres)
     with engine.begin() as conn:
@@ -552,9 +560,9 @@ def _build_from_runs(
         check_run_lock(conn, tables)
         if postgres:
             _add_run_constants(conn, tables, next_table, constants)
-        _create_customer_index(conn, next_table)
-        if postgres:
-            conn.execute(text(f"ANALYZE {qualified_name(conn, next_table)}"))
+            if settings.customer_index:
+                _create_customer_index(conn, next_table)
+            _analyze_list(conn, next_table)
     return rows, targets
 
 
@@ -562,7 +570,7 @@ def _stage_runs(engine: Engine, tables: WarehouseTables, runs: SortedRuns, run_i
     """Copy spilled rows into the staging table (to rank them in the warehouse instead)."""
     with bulk_writer(engine, tables.staging) as writer:
         for block in runs.merged():
-            columns = record_columns(block, tuple(runs.window_ends))
+            columns = runs.columns_of(block)
             writer.write({**columns, "run_id": run_id, "partition_no": 0}, len(block))
 
 
@@ -571,6 +579,18 @@ def _unique_violation(error: DBAPIError) -> bool:
     if state:
         return state == "23505"
     return "unique" in str(getattr(error, "orig", error)).lower()
+
+
+def _check_unique_customers(conn: Connection, table: Table) -> None:
+    """Raise `DuplicateCustomers` when a customer id is in the built list twice."""
+    repeated = conn.execute(
+        select(table.c[CUSTOMER_ID])
+        .group_by(table.c[CUSTOMER_ID])
+        .having(func.count() > 1)
+        .limit(1)
+    ).first()
+    if repeated is not None:
+        raise DuplicateCustomers(f"{table.name}: a customer id is staged twice")
 
 
 def _create_customer_index(conn: Connection, table: Table) -> None:
@@ -583,12 +603,22 @@ def _create_customer_index(conn: Connection, table: Table) -> None:
         raise
 
 
+def _analyze_list(conn: Connection, table: Table) -> None:
+    """Planner statistics of a new list, from a 3,000-row sample (flags, codes, deciles, ids)."""
+    conn.execute(text(f"SET LOCAL default_statistics_target = {LIST_STATISTICS_TARGET}"))
+    conn.execute(text(f"ANALYZE {qualified_name(conn, table)}"))
+
+
 def _count_targets(conn: Connection, table: Table) -> int:
     return int(conn.execute(select(func.count()).where(table.c.is_target)).scalar_one())
 
 
 def _build_postgres(
-    engine: Engine, tables: WarehouseTables, ranked, constants: dict[str, Any]
+    engine: Engine,
+    tables: WarehouseTables,
+    ranked,
+    constants: dict[str, Any],
+    customer_index: bool,
 ) -> tuple[int, int]:
     next_table = next_scores_table(tables, narrow=True)
     with engine.begin() as conn:
@@ -599,9 +629,12 @@ def _build_postgres(
         next_table.create(conn)
         rows = conn.execute(insert(next_table).from_select(RANKED_COLUMNS, ranked)).rowcount
         _add_run_constants(conn, tables, next_table, constants)
-        _create_customer_index(conn, next_table)
+        if customer_index:
+            _create_customer_index(conn, next_table)
+        else:
+            _check_unique_customers(conn, next_table)
         targets = _count_targets(conn, next_table)
-        conn.execute(text(f"ANALYZE {qualified_name(conn, next_table)}"))
+        _analyze_list(conn, next_table)
     return int(rows), targets
 
 
@@ -619,15 +652,17 @@ def _add_run_constants(
         f"{tables.scores.c[column].type.compile(dialect=conn.dialect)} NOT NULL DEFAULT {value}"
         for column, value in literals.items()
     )
-    conn.execute(text(f"ALTER TABLE {name} {added}"))
+    check = preparer.quote(f"{table.name}_run"[:60])
+    conn.execute(
+        text(
+            f"ALTER TABLE {name} {added}, "
+            f"ADD CONSTRAINT {check} CHECK (run_id = {literals['run_id']})"
+        )
+    )
     dropped = ", ".join(
         f"ALTER COLUMN {preparer.quote(column)} DROP DEFAULT" for column in literals
     )
     conn.execute(text(f"ALTER TABLE {name} {dropped}"))
-    check = preparer.quote(f"{table.name}_run"[:60])
-    conn.execute(
-        text(f"ALTER TABLE {name} ADD CONSTRAINT {check} CHECK (run_id = {literals['run_id']})")
-    )
 
 
 def _literal(conn: Connection, tables: WarehouseTables, column: str, value: Any) -> str:

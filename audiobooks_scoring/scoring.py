@@ -7,7 +7,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -21,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.exc import DBAPIError
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from audiobooks_scoring.contract import (
     ACTIVITY_COLUMNS,
@@ -90,8 +89,6 @@ class StageResult:
     reject_counts: Counter = field(default_factory=Counter)
     reject_samples: dict[str, str] = field(default_factory=dict)
     score_sum: float = 0.0
-    model_seconds: float = 0.0
-    reason_seconds: float = 0.0
     drift: DriftAccumulator | None = None
     runs: SortedRuns | None = None  # the scored rows, when spilled locally for ranking
 
@@ -104,8 +101,6 @@ class StageResult:
             reject_counts=self.reject_counts + other.reject_counts,
             reject_samples={**other.reject_samples, **self.reject_samples},
             score_sum=self.score_sum + other.score_sum,
-            model_seconds=self.model_seconds + other.model_seconds,
-            reason_seconds=self.reason_seconds + other.reason_seconds,
             drift=self.drift,
         )
         if self.drift is not None and other.drift is not None:
@@ -317,19 +312,22 @@ def reason_code_indices(
     stable sort would); a reason is given only when its contribution is above 0.
     """
     by_feature = np.array(np.asarray(contributions, dtype=np.float32).T, order="C")
-    return _top_reasons(by_feature, np.asarray(raw), np.asarray(medians))
+    return _top_reasons(by_feature, np.asarray(raw) > np.asarray(medians))
 
 
-def _top_reasons(remaining: np.ndarray, raw: np.ndarray, medians: np.ndarray) -> np.ndarray:
-    """`reason_code_indices` of contributions given features x rows (overwritten)."""
+def _top_reasons(remaining: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """`reason_code_indices` of contributions given features x rows (overwritten).
+
+    `above` (rows x features) tells where a feature is above its median ("_high" codes).
+    """
     width, rows = remaining.shape
     if 2 * width > 127 or np.isnan(remaining).any():
-        return _top_reasons_by_argmax(remaining.T, raw, medians)
+        return _top_reasons_by_argmax(remaining.T, above)
     indices = np.full((rows, REASON_COUNT), -1, dtype=np.int8)
     # A row's code of feature j, 2j ("_high") or 2j + 1 ("_low"), grows with j: the code of
     # the first feature holding a row's maximum is the largest code among those that raise it.
     codes = np.empty((width, rows), dtype=np.uint8)
-    np.copyto(codes, ~(raw.T > medians[:, None]))
+    np.copyto(codes, ~above.T)
     codes += (2 * np.arange(width, dtype=np.uint8))[:, None]
     best = np.empty(rows, dtype=remaining.dtype)
     code = np.empty(rows, dtype=np.uint8)
@@ -349,9 +347,7 @@ def _top_reasons(remaining: np.ndarray, raw: np.ndarray, medians: np.ndarray) ->
     return indices
 
 
-def _top_reasons_by_argmax(
-    contributions: np.ndarray, raw: np.ndarray, medians: np.ndarray
-) -> np.ndarray:
+def _top_reasons_by_argmax(contributions: np.ndarray, above: np.ndarray) -> np.ndarray:
     """`reason_code_indices` by repeated argmax (any width; NaN counts as the largest)."""
     remaining = np.array(contributions, dtype=np.float32, copy=True)
     rows = np.arange(len(remaining))
@@ -359,8 +355,7 @@ def _top_reasons_by_argmax(
     for slot in range(min(REASON_COUNT, remaining.shape[1])):
         chosen = np.argmax(remaining, axis=1)
         value = remaining[rows, chosen]
-        above = raw[rows, chosen] > medians[chosen]
-        code = 2 * chosen + np.where(above, 0, 1)
+        code = 2 * chosen + np.where(above[rows, chosen], 0, 1)
         indices[:, slot] = np.where(value > 0, code, -1)
         remaining[rows, chosen] = -np.inf
     return indices
@@ -382,15 +377,45 @@ def score_reasons(
 ) -> np.ndarray:
     """Reason code indices (n x 3, -1 for none) of raw rows and their scaled model input."""
     X = as_model_input(model.weights, scaled)
-    medians = np.asarray(model.preprocessing.medians, dtype=np.float64)
     passes = _reason_pass(model.weights, model.preprocessing.medians_scaled())
+    return _reason_indices(passes, X, above_medians(model, raw), pool)
+
+
+def above_medians(model: ScoringModel, raw: np.ndarray) -> np.ndarray:
+    """Where raw features lie above their training medians (the "_high" reason codes)."""
+    return np.asarray(raw) > np.asarray(model.preprocessing.medians, dtype=np.float64)
+
+
+def _reason_indices(
+    passes: _ReasonPass, X: np.ndarray, above: np.ndarray, pool: Executor | None
+) -> np.ndarray:
     indices = np.empty((X.shape[0], REASON_COUNT), dtype=np.int8)
 
     def work(rows: slice) -> None:
-        indices[rows] = _top_reasons(passes.contributions(X[rows]), raw[rows], medians)
+        indices[rows] = _top_reasons(passes.contributions(X[rows]), above[rows])
 
     passes.run(work, X.shape[0], pool)
     return indices
+
+
+def reason_coder(model: ScoringModel) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """`score_reasons` of model inputs kept apart (float32 scaled inputs, above-median flags).
+
+    Each call spreads its rows over one thread per core with single-threaded BLAS, so it
+    can run while a bulk write of the previous block goes on.
+    """
+    passes = _reason_pass(model.weights, model.preprocessing.medians_scaled())
+    blas = ThreadpoolController()
+
+    def codes(inputs: np.ndarray, above: np.ndarray) -> np.ndarray:
+        X = np.ascontiguousarray(inputs, dtype=np.float32)
+        with (
+            ThreadPoolExecutor(scoring_threads(), thread_name_prefix="reasons") as pool,
+            blas.limit(limits=1, user_api="blas"),
+        ):
+            return _reason_indices(passes, X, np.asarray(above), pool)
+
+    return codes
 
 
 def score_features(model: ScoringModel, raw: np.ndarray, batch_size: int) -> tuple:
@@ -455,6 +480,8 @@ def stage_population(
     result = StageResult(
         drift=DriftAccumulator(model.profile) if model.profile else None, runs=runs
     )
+    if runs is not None:
+        runs.defer_reasons(model.weights.input_size, reason_coder(model))
     with (
         ThreadPoolExecutor(max_workers=scoring_threads(), thread_name_prefix="scoring") as pool,
         threadpool_limits(limits=1, user_api="blas"),
@@ -546,8 +573,6 @@ class _ChunkOutcome:
     rejected: pd.DataFrame
     probability: np.ndarray
     raw: np.ndarray
-    model_seconds: float
-    reason_seconds: float
 
 
 def _stage_chunk(
@@ -566,35 +591,34 @@ def _stage_chunk(
     checked = validate_chunk(chunk[list(ACTIVITY_COLUMNS)], run_id, now)
     valid = checked.valid
     raw = valid[list(FEATURES)].to_numpy(dtype=np.float64)
-    started = time.perf_counter()
     scaled = model.preprocessing.transform(raw)
     probability = predict_probability_stable(
         model.weights, scaled, settings.predict_batch_size, pool
-    )
-    scored = time.perf_counter()
-    reasons = score_reasons(model, raw, scaled, pool)
-    reasoned = time.perf_counter()
+    ).astype(np.float64)
     ids = valid[CUSTOMER_ID].to_numpy(dtype=np.int64)
-    staged = {
-        "run_id": run_id,
-        CUSTOMER_ID: ids,
-        WINDOW_END: _coded(valid[WINDOW_END]) if WINDOW_END in valid else None,
-        "probability": probability.astype(np.float64),
-        "holdout": holdout_mask(ids, settings.holdout_salt, settings.holdout_share),
-        "partition_no": partition,
-    }
-    for slot in range(REASON_COUNT):
-        staged[f"reason_{slot + 1}"] = CodedColumn(reasons[:, slot], SCORE_REASON_CODES)
-    if isinstance(staging, SortedRuns):
-        staging.add(ids, staged["probability"], staged["holdout"], staged[WINDOW_END], reasons)
+    window_end = _coded(valid[WINDOW_END]) if WINDOW_END in valid else None
+    holdout = holdout_mask(ids, settings.holdout_salt, settings.holdout_share)
+    if isinstance(staging, SortedRuns):  # reason codes come during the merge
+        inputs = as_model_input(model.weights, scaled)
+        above = above_medians(model, raw)
+        staging.add(ids, probability, holdout, window_end, inputs=inputs, above=above)
     else:
+        reasons = score_reasons(model, raw, scaled, pool)
+        staged = {
+            "run_id": run_id,
+            CUSTOMER_ID: ids,
+            WINDOW_END: window_end,
+            "probability": probability,
+            "holdout": holdout,
+            "partition_no": partition,
+        }
+        for slot in range(REASON_COUNT):
+            staged[f"reason_{slot + 1}"] = CodedColumn(reasons[:, slot], SCORE_REASON_CODES)
         staging.write(staged, len(valid))
     if not checked.rejected.empty:
         with engine.begin() as conn:
             write_frame(conn, tables.rejected, checked.rejected)
-    return _ChunkOutcome(
-        len(valid), checked.rejected, probability, raw, scored - started, reasoned - scored
-    )
+    return _ChunkOutcome(len(valid), checked.rejected, probability, raw)
 
 
 def _count_chunk(result: StageResult, rows_in: int, outcome: _ChunkOutcome) -> None:
@@ -603,8 +627,6 @@ def _count_chunk(result: StageResult, rows_in: int, outcome: _ChunkOutcome) -> N
     result.rows_rejected += len(outcome.rejected)
     _count_rejects(result, outcome.rejected)
     result.score_sum += float(outcome.probability.sum(dtype=np.float64))
-    result.model_seconds += outcome.model_seconds
-    result.reason_seconds += outcome.reason_seconds
     if result.drift is not None:
         result.drift.add(outcome.raw, outcome.probability)
 
@@ -719,8 +741,6 @@ def account_duplicates(result: StageResult, duplicates: int) -> StageResult:
         reject_counts=counts,
         reject_samples=samples,
         score_sum=result.score_sum,
-        model_seconds=result.model_seconds,
-        reason_seconds=result.reason_seconds,
         drift=result.drift,
     )
 

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     max_reject_share: float = Field(default=0.05, ge=0.0, le=1.0)
     model_max_age_days: int = Field(default=90, ge=1)
     lock_timeout_ms: int = Field(default=5_000, ge=100)
+    customer_index: bool = False  # a unique customer-id index on each PostgreSQL list
     publish_retries: int = Field(default=3, ge=0)
 
     seed: int = 42

@@ -161,12 +161,14 @@ def build_tables(settings: Settings, dialect_name: str = "postgresql") -> Wareho
     )
     postgres = dialect_name == "postgresql"
     reason = reason_code_type(settings.scores_table, metadata)
-    scores = Table(
-        settings.scores_table,
-        metadata,
-        *score_columns(reason),
-        Index(f"{settings.scores_table}_customer"[:60], CUSTOMER_ID, unique=True),
+    # PostgreSQL lists carry a customer index only when asked (`customer_index`): each run
+    # checks its ids on the scoring machine, and the list's readers scan by rank and decile.
+    scores_index = (
+        [Index(f"{settings.scores_table}_customer"[:60], CUSTOMER_ID, unique=True)]
+        if settings.customer_index or not postgres
+        else []
     )
+    scores = Table(settings.scores_table, metadata, *score_columns(reason), *scores_index)
     # PostgreSQL: one partition per run (loaded once, indexed after the load; the current
     # run's partition is `customer_scores` itself). Elsewhere one table with indexes.
     history_layout: list[Any] = (
@@ -1062,9 +1064,12 @@ def _binary_blocks(
     sizes = tuple(len(column.values) + 1 for _, column in coded)
     codes = [np.where(c.codes < 0, len(c.values), c.codes) for _, c in coded]
     key = np.ravel_multi_index(codes, sizes)
+    if key.size and key.max() <= np.iinfo(np.uint16).max:
+        key = key.astype(np.uint16)  # a stable sort of 16-bit keys is a radix sort
     order = np.argsort(key, kind="stable")
     key = key[order]
-    prefix_rows = np.take(prefix_rows, order, axis=0)
+    row_type = np.dtype((np.void, width))  # rows taken whole, not byte by byte
+    prefix_rows = np.take(prefix.view(row_type), order).view(np.uint8).reshape(rows, width)
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1, [rows]])
     blocks = []
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):

@@ -45,10 +45,24 @@ def collect(runs, settings):
     ("rows", "chunk", "block"),
     [(1, 1, 4), (9, 4, 2), (1_000, 130, 16), (5_000, 5_000, 64), (20_011, 997, 1_000)],
 )
-def test_merged_runs_rank_like_one_full_sort(tmp_path, rows, chunk, block):
+@pytest.mark.parametrize(
+    ("id_offset", "probability_type"),
+    [
+        (0, np.float32),  # packed rank keys
+        (0, np.float64),  # probabilities float32 cannot hold: lexsort
+        (2**32 - 500, np.float32),  # some ids above 32 bits: runs with and without keys
+        (-(2**40), np.float32),  # negative ids
+    ],
+)
+def test_merged_runs_rank_like_one_full_sort(
+    tmp_path, rows, chunk, block, id_offset, probability_type
+):
     rng = np.random.default_rng(rows)
-    ids = rng.permutation(rows * 3)[:rows]
-    probability = np.round(rng.random(rows), 2)  # many ties: the id decides
+    ids = rng.permutation(rows * 3)[:rows].astype(np.int64) + id_offset
+    levels = np.round(rng.random(rows), 2)  # many ties: the id decides
+    if probability_type is np.float64:
+        levels = levels + 1e-12
+    probability = levels.astype(probability_type).astype(np.float64)
     runs = spill_chunks(
         tmp_path, [(ids[i : i + chunk], probability[i : i + chunk]) for i in range(0, rows, chunk)]
     )
