@@ -9,10 +9,11 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
@@ -486,6 +487,7 @@ def stage_population(
         ThreadPoolExecutor(max_workers=scoring_threads(), thread_name_prefix="scoring") as pool,
         threadpool_limits(limits=1, user_api="blas"),
         nullcontext(runs) if runs is not None else bulk_writer(engine, tables.staging) as staging,
+        _FollowingWork() as following,
     ):
         chunks = stream_query(engine, sql, params, settings.chunk_size, types)
         for chunk in read_ahead(chunks, depth=1):
@@ -493,6 +495,7 @@ def stage_population(
                 engine, tables, model, settings, run_id, partition, chunk, pool, staging
             )
             _count_chunk(result, len(chunk), outcome)
+            following.submit(partial(_follow_chunk, result.drift, outcome))
             if on_chunk is not None:
                 on_chunk(result)
     logger.info(
@@ -556,6 +559,44 @@ def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
         producer.join()
 
 
+class _FollowingWork:
+    """What follows each scored chunk (spilling, drift counts), on one thread, a chunk behind.
+
+    The main thread goes on with the next chunk meanwhile; its errors are raised at the
+    next submission or on leaving (leaving after an error waits without raising again).
+    """
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="following")
+        self.pending: Future | None = None
+
+    def submit(self, work: Callable[[], None]) -> None:
+        self.wait()
+        self.pending = self.executor.submit(work)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _FollowingWork:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        try:
+            if error_type is None:
+                self.wait()
+        finally:
+            self.executor.shutdown(wait=True)
+
+
+def _follow_chunk(drift: DriftAccumulator | None, outcome: _ChunkOutcome) -> None:
+    if outcome.spill is not None:
+        outcome.spill()
+    if drift is not None:
+        drift.add(outcome.raw, outcome.probability)
+
+
 def scoring_threads() -> int:
     """Threads for the forward passes: one per available core, at most four."""
     try:
@@ -573,6 +614,7 @@ class _ChunkOutcome:
     rejected: pd.DataFrame
     probability: np.ndarray
     raw: np.ndarray
+    spill: Callable[[], None] | None = None  # spilling the rows, left to the following thread
 
 
 def _stage_chunk(
@@ -598,10 +640,13 @@ def _stage_chunk(
     ids = valid[CUSTOMER_ID].to_numpy(dtype=np.int64)
     window_end = _coded(valid[WINDOW_END]) if WINDOW_END in valid else None
     holdout = holdout_mask(ids, settings.holdout_salt, settings.holdout_share)
+    spill = None
     if isinstance(staging, SortedRuns):  # reason codes come during the merge
         inputs = as_model_input(model.weights, scaled)
         above = above_medians(model, raw)
-        staging.add(ids, probability, holdout, window_end, inputs=inputs, above=above)
+        spill = partial(
+            staging.add, ids, probability, holdout, window_end, inputs=inputs, above=above
+        )
     else:
         reasons = score_reasons(model, raw, scaled, pool)
         staged = {
@@ -618,7 +663,7 @@ def _stage_chunk(
     if not checked.rejected.empty:
         with engine.begin() as conn:
             write_frame(conn, tables.rejected, checked.rejected)
-    return _ChunkOutcome(len(valid), checked.rejected, probability, raw)
+    return _ChunkOutcome(len(valid), checked.rejected, probability, raw, spill)
 
 
 def _count_chunk(result: StageResult, rows_in: int, outcome: _ChunkOutcome) -> None:
@@ -627,8 +672,6 @@ def _count_chunk(result: StageResult, rows_in: int, outcome: _ChunkOutcome) -> N
     result.rows_rejected += len(outcome.rejected)
     _count_rejects(result, outcome.rejected)
     result.score_sum += float(outcome.probability.sum(dtype=np.float64))
-    if result.drift is not None:
-        result.drift.add(outcome.raw, outcome.probability)
 
 
 def _coded(column: pd.Series) -> CodedColumn:

@@ -650,7 +650,7 @@ class _BinaryRowParser:
             if regular is not None:
                 values, mask = self._merge_irregular(chunk, regular, index, values)
             columns[name] = self._arrow_column(name, oid, values, mask)
-        return pa.table(columns).to_pandas()
+        return pa.table(columns).to_pandas(split_blocks=True)
 
     @staticmethod
     def strip_header(first) -> memoryview:

@@ -16,6 +16,7 @@ from audiobooks_scoring.monitoring import (
     DriftResult,
     FeatureProfile,
     compute_psi,
+    count_in_bins,
     profile_training,
     profile_values,
 )
@@ -357,3 +358,19 @@ def test_bin_profile_json_values_are_plain_floats():
     data = bins.to_dict()
     assert all(type(v) is float for v in data["cuts"] + data["shares"])
     assert BinProfile.from_dict(data) == bins
+
+
+BIN_CASES = {
+    "values on the cuts": ([1.0, 2.0, 3.0], [1.0, 1.0, 2.0, 2.5, 3.0, 3.5, 0.0]),
+    "infinities and NaN": ([0.0, 10.0], [-np.inf, np.inf, np.nan, 5.0, 10.0, -0.0]),
+    "no values": ([1.0, 2.0], []),
+    "one cut": ([0.5], [0.1, 0.5, 0.9]),
+}
+
+
+@pytest.mark.parametrize(("cuts", "values"), BIN_CASES.values(), ids=BIN_CASES.keys())
+def test_bin_counts_match_looking_each_value_up(cuts, values):
+    values = np.asarray(values, dtype=np.float64)
+    looked_up = np.searchsorted(np.asarray(cuts), values, side="left")  # NaN goes last
+    expected = np.bincount(looked_up, minlength=len(cuts) + 1)
+    assert count_in_bins(cuts, values).tolist() == expected.tolist()
