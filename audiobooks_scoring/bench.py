@@ -26,6 +26,7 @@ import platform
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -34,14 +35,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sqlalchemy import (
-    BigInteger,
     Column,
-    DateTime,
-    Double,
     Engine,
     MetaData,
-    SmallInteger,
-    String,
     Table,
     func,
     select,
@@ -50,7 +46,7 @@ from sqlalchemy import (
 from threadpoolctl import threadpool_limits
 
 from audiobooks_scoring import lifecycle, publishing, scoring
-from audiobooks_scoring.contract import CUSTOMER_ID, FEATURES
+from audiobooks_scoring.contract import CUSTOMER_ID, FEATURES, SCORE_REASON_CODES, WINDOW_END
 from audiobooks_scoring.demo_data import BLOCK_ROWS
 from audiobooks_scoring.loading import load_demo_data
 from audiobooks_scoring.model_store import ModelStore
@@ -58,6 +54,8 @@ from audiobooks_scoring.preprocessing import Preprocessing
 from audiobooks_scoring.ranking import spill_runs
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import (
+    RANKED_COLUMNS,
+    CodedColumn,
     CopyChunk,
     Warehouse,
     bulk_writer,
@@ -336,44 +334,64 @@ def ensure_champion(warehouse: Warehouse, settings: Settings) -> scoring.Scoring
 
 
 def floor_table(warehouse: Warehouse) -> Table:
-    """The scratch table of the floor: the six columns a published score row needs."""
+    """The scratch table of the floor: the per-customer columns of the published list.
+
+    On PostgreSQL the list stores these (the run's constants are catalog defaults); on
+    SQLite it also stores the run's constants, so the floor writes them there too.
+    """
+    scores = warehouse.tables.scores
+    wanted = RANKED_COLUMNS if is_postgres(warehouse.engine) else [c.name for c in scores.c]
     return Table(
         "bench_floor",
         MetaData(schema=warehouse.tables.metadata.schema),
-        Column(CUSTOMER_ID, BigInteger, nullable=False),
-        Column("probability", Double, nullable=False),
-        Column("rank", BigInteger, nullable=False),
-        Column("decile", SmallInteger, nullable=False),
-        Column("run_id", String(80), nullable=False),
-        Column("scored_at", DateTime(timezone=True), nullable=False),
+        *[Column(c.name, c.type, nullable=c.nullable) for c in scores.c if c.name in wanted],
     )
 
 
+def floor_columns(table: Table, ids: np.ndarray, first_rank: int, scored_at: datetime) -> dict:
+    """A result of the list's shape for `ids`: constant values, two of three reasons given."""
+    count = len(ids)
+    constant = {
+        "probability": np.full(count, 0.5),
+        "rank": np.arange(first_rank, first_rank + count, dtype=np.int64),
+        "decile": np.full(count, 1, dtype=np.int16),
+        "is_target": np.zeros(count, dtype=bool),
+        "holdout": np.zeros(count, dtype=bool),
+        WINDOW_END: CodedColumn(np.zeros(count, dtype=np.int64), (BENCH_AS_OF,)),
+        "model_version": "bench",
+        "run_id": BENCH_RUN_ID,
+        "scored_at": scored_at,
+    }
+    for slot, code in enumerate((0, 1, -1)):  # about the share of reasons a real list has
+        constant[f"reason_{slot + 1}"] = CodedColumn(
+            np.full(count, code, dtype=np.int64), SCORE_REASON_CODES
+        )
+    columns = {CUSTOMER_ID: ids}
+    columns.update((name, value) for name, value in constant.items() if name in table.c)
+    return columns
+
+
 def measure_floor(warehouse: Warehouse, chunk_size: int) -> float:
-    """Seconds to copy the population out and a same-sized six-column result back in."""
+    """Seconds to copy the population out and a result of the list's shape back in.
+
+    The result goes in as the list does: in PostgreSQL through `LIST_WRITERS` COPY sessions.
+    """
     engine, tables = warehouse.engine, warehouse.tables
     scratch = floor_table(warehouse)
     scratch.drop(engine, checkfirst=True)
     scratch.create(engine)
     sql = load_source_sql("customer_activity", engine, tables)
     scored_at = datetime.now(UTC)
+    writers = publishing.LIST_WRITERS if is_postgres(engine) else 1
     started = time.perf_counter()
     copied = 0
-    with bulk_writer(engine, scratch) as out:
-        for ids in _population_ids(engine, sql, chunk_size):
-            count = len(ids)
-            out.write(
-                {
-                    CUSTOMER_ID: ids,
-                    "probability": np.full(count, 0.5),
-                    "rank": np.arange(copied + 1, copied + count + 1, dtype=np.int64),
-                    "decile": np.full(count, 1, dtype=np.int16),
-                    "run_id": BENCH_RUN_ID,
-                    "scored_at": scored_at,
-                },
-                count,
+    with ExitStack() as stack:
+        outs = [stack.enter_context(bulk_writer(engine, scratch)) for _ in range(writers)]
+        for batch, ids in enumerate(_population_ids(engine, sql, chunk_size)):
+            outs[batch % writers].write(
+                floor_columns(scratch, ids, copied + 1, scored_at), len(ids)
             )
-            copied += count
+            copied += len(ids)
     seconds = time.perf_counter() - started
     scratch.drop(engine)
     logger.info("floor: %s rows out and back in %.2f s", copied, seconds)

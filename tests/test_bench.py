@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
@@ -13,10 +15,12 @@ from audiobooks_scoring.bench import (
     BenchReport,
     demo_population,
     demo_returning_customers,
+    floor_columns,
+    floor_table,
     run_bench,
 )
 from audiobooks_scoring.loading import load_demo_data
-from audiobooks_scoring.warehouse import init_warehouse
+from audiobooks_scoring.warehouse import RANKED_COLUMNS, init_warehouse
 from tests.conftest import make_settings
 
 JSON_KEYS = {"customers", "floor_s", "pipeline_s", "naive_s", "model_rows_per_s", "peak_rss_mb"}
@@ -95,3 +99,18 @@ def test_report_ratios_and_sampling_note():
     assert report.pipeline_over_floor == 2.0 and report.naive_over_pipeline == 20.0
     assert report.naive_sampled and "scaled x5.0" in report.describe()
     assert report.to_json()["naive_sampled"] is True
+
+
+def test_floor_writes_rows_shaped_like_the_stored_list(dialect, tmp_path, request):
+    postgres = request.getfixturevalue("postgres_schema") if dialect == "postgres" else None
+    warehouse = init_warehouse(make_settings(tmp_path, dialect, postgres))
+    scores = warehouse.tables.scores
+    table = floor_table(warehouse)
+    stored = [c.name for c in scores.c if dialect == "sqlite" or c.name in RANKED_COLUMNS]
+    assert [c.name for c in table.c] == stored
+    for column in table.c:
+        assert type(column.type) is type(scores.c[column.name].type)
+    columns = floor_columns(table, np.arange(4, dtype=np.int64), 11, datetime.now(UTC))
+    assert set(columns) == set(stored)
+    assert list(columns["rank"]) == [11, 12, 13, 14]
+    warehouse.engine.dispose()

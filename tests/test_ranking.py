@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audiobooks_scoring.contract import CUSTOMER_ID
+from audiobooks_scoring.contract import CUSTOMER_ID, SCORE_REASON_CODES
 from audiobooks_scoring.ranking import (
     campaign_limit,
     decile_of_ranks,
+    rank_keys,
     ranked_columns,
     spill_runs,
 )
@@ -127,3 +128,84 @@ def test_merge_blocks_share_a_fixed_memory_budget(tmp_path, monkeypatch):
     assert max(len(block) for block in blocks) <= 40 * 20
     merged = np.concatenate([block[CUSTOMER_ID] for block in blocks])
     assert np.array_equal(merged, ids[np.lexsort((ids, -probability))])
+
+
+KEY_CASES = {
+    "ids and float32 probabilities": ([3, 1, 2, 0xFFFFFFFF], [0.5, 0.5, 0.25, 0.0], True),
+    "minus zero is zero": ([1, 2], [-0.0, 0.0], True),
+    "an id above 32 bits": ([1, 2**32], [0.5, 0.25], False),
+    "a negative id": ([-1, 2], [0.5, 0.25], False),
+    "a probability float32 cannot hold": ([1, 2], [0.1, 0.25], False),
+    "a NaN probability": ([1, 2], [float("nan"), 0.25], False),
+}
+
+
+@pytest.mark.parametrize(("ids", "probability", "keyed"), KEY_CASES.values(), ids=KEY_CASES.keys())
+def test_rank_keys_exist_only_where_they_sort_like_probability_then_id(ids, probability, keyed):
+    ids = np.asarray(ids, dtype=np.int64)
+    probability = np.asarray(probability, dtype=np.float64)
+    if keyed:
+        probability = probability.astype(np.float32).astype(np.float64)
+    keys = rank_keys(ids, probability)
+    assert (keys is not None) == keyed
+    if keyed:
+        expected = np.lexsort((ids, -probability))
+        assert np.array_equal(np.argsort(keys, kind="stable"), expected)
+
+
+REPEAT_CASES = {
+    "none": ([[5, 1, 9], [2, 8], [7, 3]], False),
+    "across runs": ([[5, 1, 9], [2, 9], [7, 3]], True),
+    "inside one run": ([[5, 1, 5], [2, 8]], True),
+    "at a block end of both runs": ([[1, 2, 3, 4], [4, 5, 6, 7]], True),
+    "first and last": ([[0, 50], [25, 75], [100, 0]], True),
+}
+
+
+@pytest.mark.parametrize(("chunks", "repeated"), REPEAT_CASES.values(), ids=REPEAT_CASES.keys())
+def test_spilled_ids_tell_whether_a_customer_repeats(tmp_path, monkeypatch, chunks, repeated):
+    import audiobooks_scoring.ranking as ranking
+
+    monkeypatch.setattr(ranking, "MERGE_BLOCK_ROWS", 2)  # ids are merged two at a time
+    runs = spill_chunks(tmp_path, [(ids, np.linspace(0.1, 0.9, len(ids))) for ids in chunks])
+    assert runs.repeats_customer_ids() is repeated
+
+
+def test_deferred_reason_codes_come_from_the_merged_inputs(tmp_path):
+    rng = np.random.default_rng(11)
+    ids = rng.permutation(5_000).astype(np.int64)
+    probability = rng.random(5_000).astype(np.float32).astype(np.float64)
+    inputs = rng.random((5_000, 4)).astype(np.float32)
+    above = inputs > 0.5
+    calls = []
+
+    def explain(block_inputs, block_above):  # codes that identify each row's inputs
+        calls.append(len(block_inputs))
+        first = (block_inputs[:, 0] * 1000).astype(np.int64) % len(SCORE_REASON_CODES)
+        flagged = block_above.sum(axis=1) % len(SCORE_REASON_CODES)
+        return np.stack([first, flagged, np.full(len(first), -1)], axis=1).astype(np.int8)
+
+    runs = spill_runs(tmp_path / "spill")
+    runs.defer_reasons(4, explain)
+    for part in np.array_split(np.arange(5_000), 7):
+        runs.add(
+            ids[part],
+            probability[part],
+            np.zeros(len(part), dtype=bool),
+            None,
+            inputs=inputs[part],
+            above=above[part],
+        )
+    batches = list(ranked_columns(runs, Settings()))
+    assert sum(calls) == 5_000
+    ranked_ids = np.concatenate([columns[CUSTOMER_ID] for columns, _ in batches])
+    position = np.argsort(ids)[np.searchsorted(np.sort(ids), ranked_ids)]
+    codes = {
+        slot: np.concatenate([columns[f"reason_{slot}"].codes for columns, _ in batches])
+        for slot in (1, 2, 3)
+    }
+    expected = explain(inputs[position], above[position])
+    for slot in (1, 2, 3):
+        assert np.array_equal(codes[slot], expected[:, slot - 1])
+    with pytest.raises(ValueError, match="before the first run"):
+        runs.defer_reasons(4, explain)

@@ -157,3 +157,18 @@ def test_read_ahead_keeps_order_passes_errors_and_closes_the_source():
         if item == 3:
             break
     assert closed == [True]
+
+
+@pytest.mark.parametrize("failing", [0, 2])  # the error surfaces at the next chunk or on leaving
+def test_following_work_runs_in_order_and_raises_its_error(failing):
+    done = []
+
+    def work(number: int) -> None:
+        if number == failing:
+            raise OSError("disk full")
+        done.append(number)
+
+    with pytest.raises(OSError, match="disk full"), scoring._FollowingWork() as following:
+        for number in range(3):
+            following.submit(lambda number=number: work(number))
+    assert done == [number for number in range(3) if number < failing]

@@ -7,7 +7,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 
 from audiobooks_scoring.contract import CUSTOMER_ID, WINDOW_END
 from audiobooks_scoring.demo_data import iter_demo_activity
@@ -65,7 +65,9 @@ def bad_rows() -> pd.DataFrame:
     return pd.DataFrame(rows + duplicates)
 
 
-def test_accounting_ranks_deciles_and_rejects(settings, warehouse):
+@pytest.mark.parametrize("customer_index", [False, True])
+def test_accounting_ranks_deciles_and_rejects(settings, warehouse, customer_index):
+    settings = settings.model_copy(update={"customer_index": customer_index})
     rows_in = fill_activity(warehouse, bad_rows=bad_rows())
     figures = run_scoring(settings, warehouse, "run-a", AS_OF)
     assert figures["rows_in"] == rows_in
@@ -102,6 +104,12 @@ def test_accounting_ranks_deciles_and_rejects(settings, warehouse):
     ledger = read_frame(warehouse.engine, select(warehouse.tables.runs)).iloc[0]
     assert ledger["status"] == "succeeded"
     assert ledger["rows_in"] == ledger["rows_scored"] + ledger["rows_rejected"]
+
+    scores_table = warehouse.tables.scores
+    indexes = inspect(warehouse.engine).get_indexes(scores_table.name, schema=scores_table.schema)
+    unique_on_id = [ix for ix in indexes if ix["column_names"] == [CUSTOMER_ID] and ix["unique"]]
+    postgres = warehouse.engine.dialect.name == "postgresql"
+    assert bool(unique_on_id) == (customer_index or not postgres)  # SQLite keeps its index
 
 
 def test_rerun_of_a_run_id_replaces_only_its_own_rows(settings, warehouse):
