@@ -468,10 +468,11 @@ def stage_population(
     """Stream one partition of the population: validate, score, stage results and rejects.
 
     Memory is bounded by the chunk size. The scored rows go to `runs` (sorted runs on local
-    disk, ranked later on this machine) when given, else to the warehouse's staging table
-    through one binary COPY that the server ingests while the next chunk is read and scored
-    (committed together at the end). Rejects are committed per chunk. The numpy forward
-    passes run on one thread per core, with single-threaded BLAS.
+    disk, ranked later on this machine, their reason codes computed during that merge) when
+    given, else with their reason codes to the warehouse's staging table through one binary
+    COPY that the server ingests while the next chunk is read and scored (committed together
+    at the end). Rejects are committed per chunk. The numpy forward passes run on one thread
+    per core, with single-threaded BLAS; spilling and drift counts follow on their own thread.
     """
     params: dict = {"as_of": as_of}
     if partitions > 1:
