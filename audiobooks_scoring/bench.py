@@ -2,13 +2,14 @@
 
 All three run in one process on the same warehouse and the same population:
 
-- floor: the population's columns copied out and a result of the same shape (customer id,
-  probability, rank, decile, run id, scored at) copied back into a scratch table with the
-  engine's bulk path (binary COPY on PostgreSQL), no scoring. Nothing can be faster.
+- floor: the population's columns copied out and a result of the published list's shape
+  (the columns and types the list stores, constant values) copied back into a scratch table
+  with the engine's bulk path (binary COPY through the list's two sessions on PostgreSQL),
+  no scoring. Nothing that writes the list can be faster.
 - pipeline: what the `score_customers` flow does between loading the model and the report,
   as plain library calls: clear the staging table, stage the population (stream, validate,
-  score, reason codes, holdout), reject duplicate ids, check the run gates, rank and publish
-  atomically. Process start-up, Prefect and model loading are not timed.
+  score, holdout, spill), rank with reason codes and check the ids are unique, check the run
+  gates, publish atomically. Process start-up, Prefect and model loading are not timed.
 - naive: what a notebook would do: `pandas.read_sql` of the table, Keras `model.predict`
   at its default batch size, `DataFrame.to_sql`. Above `NAIVE_SAMPLE_ROWS` rows it runs on
   that many rows and its time is scaled up linearly (the report says so).
