@@ -475,7 +475,7 @@ def measure_pipeline(
             runs,
         )
         result = scoring.account_duplicates(result, built.duplicates)
-        scoring.check_run_gates(result, settings.max_reject_share)
+        publishing.check_gates_of_built_list(engine, tables, result, settings)
         step("rank")
         publishing.publish_target_list(engine, tables, settings, built)
         step("publish")

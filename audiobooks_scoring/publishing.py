@@ -3,7 +3,7 @@
 Decisions (each covered by tests/test_reliability_*.py):
 - A run's list is built as `<scores>_next` beside the live one: from sorted runs merged on
   the scoring machine (one process) or ranked in the warehouse from staging (partitions).
-  Its unique index on customer id is the duplicate check.
+  Customer ids are checked unique before it is published (spilled ids, or a query).
 - PostgreSQL: the history is partitioned by run id and every run's list is written once.
   The built table holds the ranked columns; the run's constants are catalog defaults. The
   swap, one transaction under `SET LOCAL lock_timeout`, renames the live table to its history
@@ -64,6 +64,12 @@ from audiobooks_scoring.ranking import (
     campaign_limit,
     decile_bounds,
     ranked_columns,
+)
+from audiobooks_scoring.scoring import (
+    RunGateError,
+    StageResult,
+    check_run_gates,
+    reject_duplicates,
 )
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import (
@@ -201,7 +207,7 @@ def check_run_lock(conn: Connection, tables: WarehouseTables) -> None:
     pid = _HELD_LOCKS.get((_engine_key(conn.engine), key))
     if pid is None:
         raise PublicationError(
-            "publishing needs the run lock: call publish_scores inside `with RunLock(...)`"
+            "publishing needs the run lock: build and publish the list inside `with RunLock(...)`"
         )
     if pid not in run_lock_holders(conn, tables):
         raise PublicationError(
@@ -295,7 +301,7 @@ class TargetList:
 
 
 class DuplicateCustomers(RuntimeError):
-    """The staged rows hold a customer id more than once (the list's unique index failed)."""
+    """The scored rows hold a customer id more than once."""
 
 
 def record_run_start(
@@ -484,8 +490,6 @@ def build_target_list(
     again from staging. On PostgreSQL the table holds the ranked columns only; the run's
     constants (model version, run id, scored at) are catalog defaults, not in every row.
     """
-    from audiobooks_scoring.scoring import reject_duplicates
-
     started = time.perf_counter()
     constants = {"model_version": model_version, "run_id": run_id, "scored_at": scored_at}
     if runs is not None:
@@ -699,6 +703,17 @@ def discard_target_list(engine: Engine, tables: WarehouseTables) -> None:
         next_scores_table(tables, narrow=True).drop(conn, checkfirst=True)
 
 
+def check_gates_of_built_list(
+    engine: Engine, tables: WarehouseTables, result: StageResult, settings: Settings
+) -> None:
+    """Raise `RunGateError` when the run fails its gates, after dropping its built list."""
+    try:
+        check_run_gates(result, settings.max_reject_share)
+    except RunGateError:
+        discard_target_list(engine, tables)
+        raise
+
+
 def publish_target_list(
     engine: Engine,
     tables: WarehouseTables,
@@ -718,23 +733,6 @@ def publish_target_list(
     except DBAPIError as error:
         raise _failed_publication(error, settings, built.run_id, "published") from error
     return PublishResult(built.rows, built.targets, built.seconds + time.perf_counter() - started)
-
-
-def publish_scores(
-    engine: Engine,
-    tables: WarehouseTables,
-    settings: Settings,
-    run_id: str,
-    model_version: str,
-    scored_at: datetime,
-    replace_current: bool = True,
-    as_of: date | None = None,
-) -> PublishResult:
-    """Build the run's ranked list and publish it (duplicates checked; see `build_target_list`)."""
-    built = build_target_list(
-        engine, tables, settings, run_id, model_version, scored_at, as_of or scored_at.date()
-    )
-    return publish_target_list(engine, tables, settings, built, replace_current)
 
 
 def _swap_sqlite(

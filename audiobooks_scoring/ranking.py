@@ -59,12 +59,12 @@ def rank_keys(customer_ids: np.ndarray, probability: np.ndarray) -> np.ndarray |
     return (descending.astype(np.uint64) << np.uint64(32)) | customer_ids.astype(np.uint64)
 
 
-def rank_order(records: np.ndarray) -> np.ndarray:
-    """Indices that sort records by probability descending, then customer id ascending."""
-    keys = rank_keys(records[CUSTOMER_ID], records["probability"])
+def rank_order(customer_ids: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """Indices that sort rows by probability descending, then customer id ascending."""
+    keys = rank_keys(customer_ids, probability)
     if keys is not None:
         return np.argsort(keys)
-    return np.lexsort((records[CUSTOMER_ID], -records["probability"]))
+    return np.lexsort((customer_ids, -probability))
 
 
 @dataclass
@@ -110,8 +110,7 @@ class SortedRuns:
         count = len(customer_ids)
         if count == 0:
             return
-        keys = rank_keys(customer_ids, probability)
-        order = np.argsort(keys) if keys is not None else np.lexsort((customer_ids, -probability))
+        order = rank_order(customer_ids, probability)
         records = np.empty(count, dtype=self.record)
         records["probability"] = probability
         records[CUSTOMER_ID] = customer_ids
@@ -295,7 +294,7 @@ def _merge(readers: list[_RunReader]) -> Iterator[np.ndarray]:
             yield taken[0]
         else:
             block = _concatenate(taken)
-            yield np.take(block, rank_order(block))
+            yield np.take(block, rank_order(block[CUSTOMER_ID], block["probability"]))
         live = [reader for reader in live if len(reader.block)]
 
 

@@ -46,11 +46,7 @@ def run_scoring(
             result = scoring.account_duplicates(result, built.duplicates)
             figures = scoring.run_figures(result, model.version)
             publishing.record_run_end(engine, tables, run_id, **figures)  # counts kept on failure
-            try:
-                scoring.check_run_gates(result, settings.max_reject_share)
-            except scoring.RunGateError:
-                publishing.discard_target_list(engine, tables)
-                raise
+            publishing.check_gates_of_built_list(engine, tables, result, settings)
             published = publishing.publish_target_list(engine, tables, settings, built, publish)
             figures.update(published=publish, targets=published.targets)
             figures.update(summarize_drift(engine, tables, result, run_id, settings)["ledger"])

@@ -121,11 +121,7 @@ def build_target_list(
 @task(name="check-run-gates", **TASK_OPTIONS)
 def check_run_gates(warehouse: Warehouse, result: scoring.StageResult, settings: Settings) -> None:
     """Raise when the run cannot produce a trustworthy list (empty, too many rejects, lost rows)."""
-    try:
-        scoring.check_run_gates(result, settings.max_reject_share)
-    except scoring.RunGateError:
-        publishing.discard_target_list(warehouse.engine, warehouse.tables)
-        raise
+    publishing.check_gates_of_built_list(warehouse.engine, warehouse.tables, result, settings)
 
 
 @task(name="publish-target-list", **TASK_OPTIONS)

@@ -15,7 +15,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from audiobooks_scoring.settings import Settings  # noqa: E402
-from audiobooks_scoring.warehouse import Warehouse, init_warehouse  # noqa: E402
+from audiobooks_scoring.warehouse import (  # noqa: E402
+    Warehouse,
+    create_warehouse_engine,
+    init_warehouse,
+)
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REAL_CSV = Path(__file__).parent / "data" / "audiobooks_data.csv"
@@ -52,6 +56,17 @@ def postgres_schema():
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def postgres_engine(postgres_schema):
+    """An engine on the test server with a fresh, empty schema; yields (engine, schema)."""
+    url, schema = postgres_schema
+    engine = create_warehouse_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    yield engine, schema
     engine.dispose()
 
 

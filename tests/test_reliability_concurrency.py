@@ -25,7 +25,12 @@ from sqlalchemy import create_engine, text
 from audiobooks_scoring import lifecycle
 from audiobooks_scoring.contract import CUSTOMER_ID, WINDOW_END
 from audiobooks_scoring.model_store import ModelStore
-from audiobooks_scoring.publishing import PublicationError, RunLock, publish_scores
+from audiobooks_scoring.publishing import (
+    PublicationError,
+    RunLock,
+    build_target_list,
+    publish_target_list,
+)
 from audiobooks_scoring.scoring_run import run_scoring
 from audiobooks_scoring.warehouse import (
     init_warehouse,
@@ -93,10 +98,13 @@ def stage_runs(warehouse, runs: dict[str, int]) -> None:
 
 def publish(warehouse, settings, run_id: str):
     """Publish an already staged run under the run lock."""
-    with RunLock(warehouse.engine, warehouse.tables):
-        return publish_scores(
-            warehouse.engine, warehouse.tables, settings, run_id, "v-test", datetime.now(UTC)
+    engine, tables = warehouse.engine, warehouse.tables
+    scored_at = datetime.now(UTC)
+    with RunLock(engine, tables):
+        built = build_target_list(
+            engine, tables, settings, run_id, "v-test", scored_at, scored_at.date()
         )
+        return publish_target_list(engine, tables, settings, built)
 
 
 # ----------------------------------------------------------------------------- two runs at once

@@ -293,15 +293,12 @@ def error_from(engine, *statements: str) -> DBAPIError:
 
 
 @pytest.fixture
-def pg_engine(postgres_schema):
-    url, schema = postgres_schema
-    engine = create_warehouse_engine(url)
+def pg_engine(postgres_engine):
+    engine, schema = postgres_engine
     with engine.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
         conn.execute(text(f"CREATE TABLE {schema}.t (id int PRIMARY KEY, v int NOT NULL)"))
         conn.execute(text(f"INSERT INTO {schema}.t VALUES (1, 1)"))
-    yield engine, schema
-    engine.dispose()
+    return engine, schema
 
 
 def test_permanent_postgres_errors_are_not_transient(pg_engine):

@@ -139,20 +139,17 @@ COPY_CHUNK = 4
 
 
 @pytest.fixture
-def fixed_width_table(postgres_schema):
+def fixed_width_table(postgres_engine):
     """A PostgreSQL table of every fixed-width type the binary COPY path reads."""
-    url, schema = postgres_schema
-    engine = create_warehouse_engine(url)
+    engine, schema = postgres_engine
     with engine.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
         conn.execute(
             text(
                 f"CREATE TABLE {schema}.fixed (seq integer, id bigint, i4 integer, i2 smallint,"
                 " f4 real, f8 double precision, flag boolean, day date, label text)"
             )
         )
-    yield engine, f"{schema}.fixed"
-    engine.dispose()
+    return engine, f"{schema}.fixed"
 
 
 def fixed_rows(count: int, nulls: set[int]) -> list[tuple]:
