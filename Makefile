@@ -17,12 +17,16 @@ install: $(BIN)/audiobooks-scoring
 demo: install
 	$(BIN)/audiobooks-scoring demo
 
-test: install
+lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
+
+test: lint
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 bench: install
 	$(BIN)/audiobooks-scoring bench --customers 1000000
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache build dist

@@ -6,10 +6,11 @@ All three run in one process on the same warehouse and the same population:
   (the columns and types the list stores, constant values) copied back into a scratch table
   with the engine's bulk path (binary COPY through the list's two sessions on PostgreSQL),
   no scoring. Nothing that writes the list can be faster.
-- pipeline: what the `score_customers` flow does between loading the model and the report,
-  as plain library calls: clear the staging table, stage the population (stream, validate,
-  score, holdout, spill), rank with reason codes and check the ids are unique, check the run
-  gates, publish atomically. Process start-up, Prefect and model loading are not timed.
+- pipeline: the scoring run's own steps (`pipeline.run_scoring`, the steps the flow runs as
+  tasks), timed through a `StepRunner` hook from preparing the run to the atomic swap:
+  clear staging, stage the population (stream, validate, score, holdout, spill), build the
+  ranked list with reason codes and unique ids, check the run gates, publish. Process
+  start-up, Prefect, model loading, drift and the report are not timed.
 - naive: what a notebook would do: `pandas.read_sql` of the table, Keras `model.predict`
   at its default batch size, `DataFrame.to_sql`. Above `NAIVE_SAMPLE_ROWS` rows it runs on
   that many rows and its time is scaled up linearly (the report says so).
@@ -35,37 +36,28 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import (
-    Column,
-    Engine,
-    MetaData,
-    Table,
-    func,
-    select,
-    text,
-)
+from sqlalchemy import Column, MetaData, Table, func, select, text
 from threadpoolctl import threadpool_limits
 
-from audiobooks_scoring import lifecycle, publishing, scoring
+from audiobooks_scoring import pipeline, progress
 from audiobooks_scoring.contract import CUSTOMER_ID, FEATURES, SCORE_REASON_CODES, WINDOW_END
-from audiobooks_scoring.demo_data import BLOCK_ROWS
-from audiobooks_scoring.loading import load_demo_data
-from audiobooks_scoring.model_store import ModelStore
-from audiobooks_scoring.preprocessing import Preprocessing
-from audiobooks_scoring.ranking import spill_runs
-from audiobooks_scoring.settings import Settings
-from audiobooks_scoring.warehouse import (
-    RANKED_COLUMNS,
-    CodedColumn,
-    CopyChunk,
-    Warehouse,
-    bulk_writer,
-    init_warehouse,
-    is_postgres,
-    load_source_sql,
-    stream_copy_chunks,
-    stream_query,
+from audiobooks_scoring.inputs.demo_data import BLOCK_ROWS, NEW_CUSTOMER_SHARE
+from audiobooks_scoring.inputs.loading import load_demo_data
+from audiobooks_scoring.model import lifecycle
+from audiobooks_scoring.model.network import predict_probability, scoring_threads
+from audiobooks_scoring.model.preprocessing import Preprocessing
+from audiobooks_scoring.model.scoring_model import ScoringModel, load_scoring_model
+from audiobooks_scoring.model.store import ModelStore
+from audiobooks_scoring.publishing.ledger import record_run_end, record_run_start
+from audiobooks_scoring.scoring.reasons import score_reasons
+from audiobooks_scoring.scoring.stage import (
+    StageResult,
+    count_population,
+    population_column_types,
+    population_sql,
 )
+from audiobooks_scoring.settings import Settings
+from audiobooks_scoring.warehouse import CodedColumn, WarehouseAdapter, init_warehouse
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +68,6 @@ DATA_MARKER_RUN_ID = "bench-demo-data"
 NAIVE_SAMPLE_ROWS = 200_000
 TRAINING_SAMPLE_ROWS = 20_000
 MODEL_STEP_ROWS = 1_000_000
-NEW_CUSTOMER_SHARE = 0.1  # demo activity adds this share of new customers to the returning
 
 
 class BenchError(RuntimeError):
@@ -172,72 +163,79 @@ def run_bench(settings: Settings, customers: int, repeats: int = 3) -> BenchRepo
 
     The three run in rounds (floor, pipeline, naive; `repeats` rounds) and the best time of
     each is kept, so a slow moment of a shared machine does not favour one of them.
+    Each phase of each round is reported to progress listeners as it starts.
     """
+    report = progress.report
     warehouse = init_warehouse(settings)
+    rounds = max(repeats, 1)
     try:
+        report("loading demo data", 0, 1)
         rows = ensure_bench_data(warehouse, customers, settings.chunk_size)
+        report("training a champion", 0, 1)
         model = ensure_champion(warehouse, settings)
         naive_rows = min(rows, NAIVE_SAMPLE_ROWS)
         floors, runs, naives = [], [], []
-        for _ in range(max(repeats, 1)):
+        phases = 3 * rounds + 1
+        for index in range(rounds):
+            report(f"round {index + 1}/{rounds}: floor", 3 * index, phases)
             floors.append(measure_floor(warehouse, settings.chunk_size))
+            report(f"round {index + 1}/{rounds}: pipeline", 3 * index + 1, phases)
             runs.append(measure_pipeline(warehouse, settings, model))
+            report(f"round {index + 1}/{rounds}: naive", 3 * index + 2, phases)
             naives.append(measure_naive(warehouse, settings, naive_rows))
+        report("model step", phases - 1, phases)
         model_rows_per_s, reason_rows_per_s = measure_model_step(warehouse, settings, model)
+        report("done", phases, phases)
     finally:
-        warehouse.engine.dispose()
-    pipeline = min(runs, key=lambda run: run.seconds)
-    result = pipeline.result
+        warehouse.dispose()
+    best = min(runs, key=lambda run: run.seconds)
     return BenchReport(
         customers=rows,
-        dialect=warehouse.engine.dialect.name,
+        dialect=warehouse.describe(),
         machine=describe_machine(),
         floor_s=min(floors),
-        pipeline_s=pipeline.seconds,
+        pipeline_s=best.seconds,
         naive_s=min(naives) * rows / naive_rows,
         naive_rows=naive_rows,
         model_rows_per_s=model_rows_per_s,
         reason_rows_per_s=reason_rows_per_s,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         pipeline_peak_rss_mb=max((run.peak_rss_mb or 0.0) for run in runs) or None,
-        pipeline_steps=pipeline.steps,
-        rows_scored=result.rows_scored,
-        rows_rejected=result.rows_rejected,
-        repeats=max(repeats, 1),
+        pipeline_steps=best.steps,
+        rows_scored=best.result.rows_scored,
+        rows_rejected=best.result.rows_rejected,
+        repeats=rounds,
     )
 
 
 def measure_model_step(
-    warehouse: Warehouse, settings: Settings, model: scoring.ScoringModel
+    warehouse: WarehouseAdapter, settings: Settings, model: ScoringModel
 ) -> tuple[float, float]:
     """Rows per second of the forward pass and of the reason codes, on the scoring threads.
 
     Measured on the first chunk of the population, scored until at least a million rows
     went through (the pipeline's own figures include waiting for the reader thread).
     """
-    engine, tables = warehouse.engine, warehouse.tables
-    sql = scoring.population_sql(engine, tables, 0, 1)
+    sql = population_sql(warehouse, 0, 1)
     params = {"as_of": BENCH_AS_OF}
-    types = scoring.population_column_types(engine, sql, params)
-    chunks = stream_query(engine, sql, params, settings.chunk_size, types)
+    types = population_column_types(warehouse, sql, params)
+    chunks = warehouse.stream_query(sql, params, settings.chunk_size, types)
     chunk = next(iter(chunks))
     chunks.close()
     raw = chunk[list(FEATURES)].to_numpy(dtype=np.float64)
     scaled = model.preprocessing.transform(raw)
     passes = max(1, -(-MODEL_STEP_ROWS // len(raw)))
     with (
-        ThreadPoolExecutor(scoring.scoring_threads()) as pool,
+        ThreadPoolExecutor(scoring_threads()) as pool,
         threadpool_limits(limits=1, user_api="blas"),
     ):
         started = time.perf_counter()
         for _ in range(passes):
-            scoring.predict_probability_stable(
-                model.weights, scaled, settings.predict_batch_size, pool
-            )
+            predict_probability(model.weights, scaled, settings.predict_batch_size, pool)
         forward = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(passes):
-            scoring.score_reasons(model, raw, scaled, pool)
+            score_reasons(model, raw, scaled, pool)
         reasons = time.perf_counter() - started
     rows = passes * len(raw)
     return rows / forward, rows / reasons
@@ -274,19 +272,19 @@ def demo_population(returning: int) -> int:
     return returning + round(returning * NEW_CUSTOMER_SHARE)
 
 
-def ensure_bench_data(warehouse: Warehouse, customers: int, chunk_size: int) -> int:
+def ensure_bench_data(warehouse: WarehouseAdapter, customers: int, chunk_size: int) -> int:
     """Rows of the bench population, loading demo customers first when needed.
 
     The demo population is `customers` rows, or the nearest count the demo generator makes
     (returning customers plus a tenth of new ones). Loads when the population differs and
     the input tables are empty or were filled by an earlier bench; else raises `BenchError`.
     """
-    engine, tables = warehouse.engine, warehouse.tables
-    current = scoring.count_population(engine, tables, BENCH_AS_OF)
+    tables = warehouse.tables
+    current = count_population(warehouse, BENCH_AS_OF)
     returning = demo_returning_customers(customers)
     if current == demo_population(returning):
         return current
-    with engine.connect() as conn:
+    with warehouse.engine.connect() as conn:
         activity_rows = conn.execute(select(func.count()).select_from(tables.activity)).scalar()
         marked = conn.execute(
             select(func.count()).where(tables.runs.c.run_id == DATA_MARKER_RUN_ID)
@@ -300,52 +298,42 @@ def ensure_bench_data(warehouse: Warehouse, customers: int, chunk_size: int) -> 
     logger.info("loading %s demo customers for the bench", customers)
     started = time.perf_counter()
     # The mark goes first, so that a load cut short can be redone by the next bench.
-    publishing.record_run_start(engine, tables, DATA_MARKER_RUN_ID, BENCH_AS_OF, None, "bench")
+    record_run_start(warehouse, DATA_MARKER_RUN_ID, BENCH_AS_OF, None, "bench")
     load_demo_data(warehouse, returning, BENCH_SEED, BENCH_AS_OF, max(chunk_size, BLOCK_ROWS))
-    rows = scoring.count_population(engine, tables, BENCH_AS_OF)
-    publishing.record_run_end(
-        engine,
-        tables,
+    rows = count_population(warehouse, BENCH_AS_OF)
+    record_run_end(
+        warehouse,
         DATA_MARKER_RUN_ID,
         rows_in=rows,
         message=f"demo data loaded by the bench in {time.perf_counter() - started:.0f} s",
     )
-    with engine.begin() as conn:
-        if is_postgres(conn):
-            conn.execute(text(f"ANALYZE {tables.activity.fullname}"))
+    warehouse.analyze(tables.activity)
     return rows
 
 
-def ensure_champion(warehouse: Warehouse, settings: Settings) -> scoring.ScoringModel:
+def ensure_champion(warehouse: WarehouseAdapter, settings: Settings) -> ScoringModel:
     """The store's champion, after training a quick one on demo training rows if there is none."""
     store = ModelStore(settings.model_store_path)
     version = store.champion()
     if version is None:
-        sql = load_source_sql("training_examples", warehouse.engine, warehouse.tables)
-        chunks = stream_query(
-            warehouse.engine, sql, {"as_of": BENCH_AS_OF}, TRAINING_SAMPLE_ROWS, None
-        )
+        sql = warehouse.source_sql("training_examples")
+        chunks = warehouse.stream_query(sql, {"as_of": BENCH_AS_OF}, TRAINING_SAMPLE_ROWS)
         frame = next(iter(chunks))
         chunks.close()
         data = lifecycle.training_data_from_frame(frame)
         challenger = lifecycle.train_challenger(data, settings.recipe, settings.seed)
         version = lifecycle.save_challenger(store, data, challenger, BENCH_AS_OF)
         lifecycle.judge_challenger(store, data, challenger, version, settings, force=True)
-    return lifecycle.load_scoring_model(store, version)
+    return load_scoring_model(store, version)
 
 
-def floor_table(warehouse: Warehouse) -> Table:
-    """The scratch table of the floor: the per-customer columns of the published list.
-
-    On PostgreSQL the list stores these (the run's constants are catalog defaults); on
-    SQLite it also stores the run's constants, so the floor writes them there too.
-    """
-    scores = warehouse.tables.scores
-    wanted = RANKED_COLUMNS if is_postgres(warehouse.engine) else [c.name for c in scores.c]
+def floor_table(warehouse: WarehouseAdapter) -> Table:
+    """The scratch table of the floor: the columns the adapter stores in a list's rows."""
+    listed = warehouse.list_table()
     return Table(
         "bench_floor",
-        MetaData(schema=warehouse.tables.metadata.schema),
-        *[Column(c.name, c.type, nullable=c.nullable) for c in scores.c if c.name in wanted],
+        MetaData(schema=warehouse.tables.schema),
+        *[Column(c.name, c.type, nullable=c.nullable) for c in listed.columns],
     )
 
 
@@ -367,66 +355,37 @@ def floor_columns(table: Table, ids: np.ndarray, first_rank: int, scored_at: dat
         constant[f"reason_{slot + 1}"] = CodedColumn(
             np.full(count, code, dtype=np.int64), SCORE_REASON_CODES
         )
-    columns = {CUSTOMER_ID: ids}
+    columns: dict[str, Any] = {CUSTOMER_ID: ids}
     columns.update((name, value) for name, value in constant.items() if name in table.c)
     return columns
 
 
-def measure_floor(warehouse: Warehouse, chunk_size: int) -> float:
-    """Seconds to copy the population out and a result of the list's shape back in.
+def measure_floor(warehouse: WarehouseAdapter, chunk_size: int) -> float:
+    """Seconds to copy the population's ids out and a result of the list's shape back in.
 
-    The result goes in as the list does: in PostgreSQL through `LIST_WRITERS` COPY sessions.
+    Both ways use the adapter's fastest paths, and the result goes in as the list does
+    (through `list_writers` bulk writers).
     """
-    engine, tables = warehouse.engine, warehouse.tables
     scratch = floor_table(warehouse)
-    scratch.drop(engine, checkfirst=True)
-    scratch.create(engine)
-    sql = load_source_sql("customer_activity", engine, tables)
+    scratch.drop(warehouse.engine, checkfirst=True)
+    scratch.create(warehouse.engine)
+    sql = warehouse.source_sql("customer_activity")
     scored_at = datetime.now(UTC)
-    writers = publishing.LIST_WRITERS if is_postgres(engine) else 1
+    writers = warehouse.list_writers
     started = time.perf_counter()
     copied = 0
     with ExitStack() as stack:
-        outs = [stack.enter_context(bulk_writer(engine, scratch)) for _ in range(writers)]
-        for batch, ids in enumerate(_population_ids(engine, sql, chunk_size)):
+        outs = [stack.enter_context(warehouse.bulk_writer(scratch)) for _ in range(writers)]
+        ids_chunks = warehouse.stream_customer_ids(sql, {"as_of": BENCH_AS_OF}, chunk_size)
+        for batch, ids in enumerate(ids_chunks):
             outs[batch % writers].write(
                 floor_columns(scratch, ids, copied + 1, scored_at), len(ids)
             )
             copied += len(ids)
     seconds = time.perf_counter() - started
-    scratch.drop(engine)
+    scratch.drop(warehouse.engine)
     logger.info("floor: %s rows out and back in %.2f s", copied, seconds)
     return seconds
-
-
-def _population_ids(engine: Engine, sql: str, chunk_size: int):
-    """Customer ids of the population per chunk, read with the engine's bulk path."""
-    params = {"as_of": BENCH_AS_OF}
-    if not is_postgres(engine):
-        for chunk in stream_query(engine, sql, params, chunk_size, None):
-            yield chunk[CUSTOMER_ID].to_numpy(dtype=np.int64)
-        return
-    for chunk in stream_copy_chunks(engine, sql, params, chunk_size):
-        yield _binary_ids(chunk)
-
-
-def _binary_ids(chunk: CopyChunk) -> np.ndarray:
-    """The leading bigint of each binary COPY row (the customer id; 0 where NULL)."""
-    layout = np.dtype(
-        [("head", "V2"), ("length", ">i4"), ("id", ">i8"), ("rest", f"V{chunk.width - 14}")]
-    )
-    data = np.frombuffer(chunk.data, dtype=layout)
-    regular = np.where(data["length"] == 8, data["id"], 0).astype(np.int64)
-    if not chunk.irregular:
-        return regular
-    ids = np.zeros(chunk.rows, dtype=np.int64)
-    placed = np.ones(chunk.rows, dtype=bool)
-    for position, row in chunk.irregular:
-        placed[position] = False
-        if int.from_bytes(row[2:6], "big", signed=True) == 8:
-            ids[position] = int.from_bytes(row[6:14], "big", signed=True)
-    ids[placed] = regular
-    return ids
 
 
 @dataclass(frozen=True)
@@ -435,73 +394,65 @@ class PipelineRun:
 
     seconds: float
     steps: dict[str, float]
-    result: scoring.StageResult
+    result: StageResult
     peak_rss_mb: float | None
 
 
-def measure_pipeline(
-    warehouse: Warehouse, settings: Settings, model: scoring.ScoringModel
-) -> PipelineRun:
-    """Time the flow's library calls from clearing the staging table to the atomic swap."""
-    engine, tables = warehouse.engine, warehouse.tables
-    steps: dict[str, float] = {}
-    reset_peak_rss()
-    with publishing.RunLock(engine, tables):
-        publishing.record_run_start(engine, tables, BENCH_RUN_ID, BENCH_AS_OF, None)
+TIMED_STEPS = {
+    pipeline.prepare_run: "clear",
+    pipeline.stage_population: "stage",
+    pipeline.build_target_list: "rank",
+    pipeline.check_run_gates: "rank",
+    pipeline.publish_target_list: "publish",
+}
+
+
+class TimedSteps(pipeline.StepRunner):
+    """Times the pipeline's steps from preparing the run to the swap (the bench's figure)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, float] = {}
+
+    def call(self, step, *args):
+        """Run the step, adding its time to its phase when it is one the bench times."""
         started = time.perf_counter()
-        mark = started
-
-        def step(name: str) -> None:
-            nonlocal mark
-            now = time.perf_counter()
-            steps[name] = round(now - mark, 3)
-            mark = now
-
-        scoring.clear_staging(engine, tables, BENCH_RUN_ID)
-        step("clear")
-        runs = spill_runs(settings.data_dir / "spill")
-        result = scoring.stage_population(
-            engine, tables, model, settings, BENCH_RUN_ID, BENCH_AS_OF, runs=runs
-        )
-        step("stage")
-        built = publishing.build_target_list(
-            engine,
-            tables,
-            settings,
-            BENCH_RUN_ID,
-            model.version,
-            datetime.now(UTC),
-            BENCH_AS_OF,
-            runs,
-        )
-        result = scoring.account_duplicates(result, built.duplicates)
-        publishing.check_gates_of_built_list(engine, tables, result, settings)
-        step("rank")
-        publishing.publish_target_list(engine, tables, settings, built)
-        step("publish")
-        seconds = time.perf_counter() - started
-        publishing.record_run_end(
-            engine,
-            tables,
-            BENCH_RUN_ID,
-            status="succeeded",
-            published=True,
-            **scoring.run_figures(result, model.version),
-        )
-    logger.info("pipeline: %s rows in %.2f s %s", result.rows_in, seconds, steps)
-    return PipelineRun(seconds, steps, result, peak_rss_mb())
+        result = step(*args)
+        phase = TIMED_STEPS.get(step)
+        if phase is not None:
+            self.steps[phase] = round(self.steps.get(phase, 0.0) + time.perf_counter() - started, 3)
+        return result
 
 
-def measure_naive(warehouse: Warehouse, settings: Settings, rows: int) -> float:
+def measure_pipeline(
+    warehouse: WarehouseAdapter, settings: Settings, model: ScoringModel
+) -> PipelineRun:
+    """Time the scoring run's own steps, from clearing the staging table to the atomic swap."""
+    reset_peak_rss()
+    timer = TimedSteps()
+    run = pipeline.ScoringRun(settings, warehouse, BENCH_RUN_ID, BENCH_AS_OF)
+    outcome = pipeline.run_scoring(run, timer, model=model, write_report=False)
+    seconds = sum(timer.steps.values())
+    logger.info("pipeline: %s rows in %.2f s %s", outcome.figures["rows_in"], seconds, timer.steps)
+    counts = StageResult(
+        rows_in=outcome.figures["rows_in"],
+        rows_scored=outcome.figures["rows_scored"],
+        rows_rejected=outcome.figures["rows_rejected"],
+    )
+    return PipelineRun(seconds, timer.steps, counts, peak_rss_mb())
+
+
+def measure_naive(warehouse: WarehouseAdapter, settings: Settings, rows: int) -> float:
     """Seconds of a notebook's pipeline on `rows` rows: read_sql, predict, to_sql."""
     import keras  # noqa: F401 - imported before the clock starts, like a warm notebook
 
     engine, tables = warehouse.engine, warehouse.tables
     store = ModelStore(settings.model_store_path)
-    stored = store.load_version(store.champion())
+    champion = store.champion()
+    if champion is None:
+        raise BenchError("the model store has no champion")
+    stored = store.load_version(champion)
     preprocessing = Preprocessing.from_json(stored.preprocessing_json)
-    schema = tables.metadata.schema
-    source = load_source_sql("customer_activity", engine, tables)
+    source = warehouse.source_sql("customer_activity")
     query = text(f"SELECT * FROM ({source}) AS population LIMIT :rows")
     started = time.perf_counter()
     frame = pd.read_sql(query, engine, params={"as_of": BENCH_AS_OF, "rows": rows})
@@ -513,17 +464,12 @@ def measure_naive(warehouse: Warehouse, settings: Settings, rows: int) -> float:
     result["decile"] = np.ceil(10 * result["rank"] / len(result)).astype(int)
     result["run_id"] = BENCH_RUN_ID
     result["scored_at"] = datetime.now(UTC)
-    result.to_sql("bench_naive", engine, schema=schema, if_exists="replace", index=False)
+    result.to_sql("bench_naive", engine, schema=tables.schema, if_exists="replace", index=False)
     seconds = time.perf_counter() - started
     with engine.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {_qualified(engine, schema, 'bench_naive')}"))
+        conn.execute(text(f"DROP TABLE IF EXISTS {warehouse.qualified_name('bench_naive')}"))
     logger.info("naive: %s rows in %.2f s", len(frame), seconds)
     return seconds
-
-
-def _qualified(engine: Engine, schema: str | None, name: str) -> str:
-    preparer = engine.dialect.identifier_preparer
-    return f"{preparer.quote_schema(schema)}.{preparer.quote(name)}" if schema else name
 
 
 def reset_peak_rss() -> None:

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Annotated
@@ -14,10 +16,20 @@ import typer
 from pydantic import SecretStr
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table as RichTable
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up lines
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 app = typer.Typer(no_args_is_help=True, help="Score audiobook customers' chance to buy again.")
@@ -56,6 +68,30 @@ def _settings():
         raise typer.Exit(2) from None
 
 
+@contextmanager
+def progress_bars() -> Iterator[None]:
+    """Show the library's progress reports as bars on stderr while the block runs."""
+    from audiobooks_scoring import progress
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bars:
+        tasks: dict[str, TaskID] = {}
+
+        def show(task: str, done: float, total: float) -> None:
+            if task not in tasks:
+                tasks[task] = bars.add_task(task, total=total)
+            bars.update(tasks[task], completed=done, total=total)
+
+        with progress.listening(show):
+            yield
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Nightly scoring of the audiobook customer base, published to the warehouse."""
@@ -64,8 +100,10 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
-    for noisy in ("httpx", "prefect.server", "alembic", "uvicorn", "absl"):
+    for noisy in ("httpx", "prefect.server", "prefect.task_runs", "alembic", "uvicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 @app.command()
@@ -88,8 +126,8 @@ def load_csv(
     ] = None,
 ) -> None:
     """Load a CSV in the public Audiobooks format (with or without header) as training examples."""
-    from audiobooks_scoring.csv_loading import CsvFormatError
-    from audiobooks_scoring.loading import load_csv as load
+    from audiobooks_scoring.inputs.csv_file import CsvFormatError
+    from audiobooks_scoring.inputs.loading import load_csv as load
     from audiobooks_scoring.warehouse import init_warehouse
 
     warehouse = init_warehouse(_settings())
@@ -108,14 +146,15 @@ def demo_data(
     as_of: AsOf = None,
 ) -> None:
     """Fill both input tables with synthetic customers that look like the real data set."""
-    from audiobooks_scoring.loading import load_demo_data
+    from audiobooks_scoring.inputs.loading import load_demo_data
     from audiobooks_scoring.warehouse import init_warehouse
 
     settings = _settings()
     warehouse = init_warehouse(settings)
-    result = load_demo_data(
-        warehouse, customers, seed, _date(as_of) or date.today(), settings.chunk_size
-    )
+    with progress_bars():
+        result = load_demo_data(
+            warehouse, customers, seed, _date(as_of) or date.today(), settings.chunk_size
+        )
     console.print(
         f"demo data: {result.training_rows} training examples, "
         f"{result.activity_rows} customers to score"
@@ -130,7 +169,7 @@ def train(
     force: Annotated[bool, typer.Option(help="Promote even if not better.")] = False,
 ) -> None:
     """Run the retrain-model flow: train a challenger and promote it if it is not worse."""
-    from flows.retrain_model import retrain_model
+    from audiobooks_scoring.flows.retrain_model import retrain_model
 
     _settings()
     version = retrain_model(as_of=_date(as_of), recipe=recipe, seed=seed, force=force)
@@ -147,32 +186,33 @@ def evaluate(
     ] = "default,seeds,logistic",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Compare recipes by repeated stratified holdout on a CSV or the training source."""
-    from audiobooks_scoring.evaluation import run_evaluation_protocol, summarize_protocol
+    """Compare recipes by repeated stratified test splits on a CSV or the training source."""
+    from audiobooks_scoring.model.evaluation import run_evaluation_protocol, summarize_protocol
 
     settings = _settings()
     if csv is not None:
-        from audiobooks_scoring.csv_loading import read_audiobooks_csv
-        from audiobooks_scoring.lifecycle import training_data_from_frame
+        from audiobooks_scoring.inputs.csv_file import read_audiobooks_csv
+        from audiobooks_scoring.model.lifecycle import training_data_from_frame
 
         data = training_data_from_frame(read_audiobooks_csv(csv, date.today()))
     else:
-        from audiobooks_scoring.lifecycle import read_training_data
+        from audiobooks_scoring.model.lifecycle import read_training_data
         from audiobooks_scoring.warehouse import init_warehouse
 
         warehouse = init_warehouse(settings)
-        data = read_training_data(
-            warehouse.engine, warehouse.tables, date.today(), settings.chunk_size
-        )
+        data = read_training_data(warehouse, date.today(), settings.chunk_size)
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    result = run_evaluation_protocol(
-        data.features, data.labels, seed_list, [r.strip() for r in recipes.split(",")]
-    )
+    with progress_bars():
+        result = run_evaluation_protocol(
+            data.features, data.labels, seed_list, [r.strip() for r in recipes.split(",")]
+        )
     summary = summarize_protocol(result)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    table = RichTable(title=f"Repeated holdout, {len(seed_list)} seeds, {len(data.labels)} rows")
+    table = RichTable(
+        title=f"Repeated test splits, {len(seed_list)} seeds, {len(data.labels)} rows"
+    )
     for column in ("recipe", "auc", "balanced_accuracy", "brier", "lift_top_decile"):
         table.add_column(column)
     for name, metrics in summary["recipes"].items():
@@ -194,7 +234,7 @@ def _mean_std(mean, std) -> str:
 
 
 def _print_versions() -> None:
-    from audiobooks_scoring.model_store import ModelStore
+    from audiobooks_scoring.model.store import ModelStore
 
     store = ModelStore(_settings().model_store_path)
     table = RichTable(title=f"Models in {store.root}")
@@ -216,14 +256,14 @@ def _print_versions() -> None:
 
 @models_app.command("list")
 def models_list() -> None:
-    """List stored model versions, newest first, with status and holdout metrics."""
+    """List stored model versions, newest first, with status and test-split metrics."""
     _print_versions()
 
 
 @models_app.command("show")
 def models_show(version: str) -> None:
     """Show a version's metadata: metrics, importance, training data, libraries."""
-    from audiobooks_scoring.model_store import ModelStore, ModelStoreError
+    from audiobooks_scoring.model.store import ModelStore, ModelStoreError
 
     store = ModelStore(_settings().model_store_path)
     try:
@@ -252,8 +292,8 @@ def models_rollback(reason: Annotated[str, typer.Option()] = "rolled back by han
 
 
 def _change_champion(change) -> None:
-    from audiobooks_scoring.lifecycle import mirror_model_versions
-    from audiobooks_scoring.model_store import ModelStore, ModelStoreError
+    from audiobooks_scoring.model.lifecycle import mirror_model_versions
+    from audiobooks_scoring.model.store import ModelStore, ModelStoreError
     from audiobooks_scoring.warehouse import init_warehouse
 
     settings = _settings()
@@ -264,7 +304,7 @@ def _change_champion(change) -> None:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None
     warehouse = init_warehouse(settings)
-    mirror_model_versions(warehouse.engine, warehouse.tables, store)
+    mirror_model_versions(warehouse, store)
     console.print(f"champion is now {version}")
 
 
@@ -277,10 +317,11 @@ def score(
     ] = False,
 ) -> None:
     """Run the score-customers flow: score everyone and publish the ranked target list."""
-    from flows.score_customers import score_customers
+    from audiobooks_scoring.flows.score_customers import score_customers
 
     _settings()
-    outcome = score_customers(as_of=_date(as_of), run_id=run_id, publish=not backfill)
+    with progress_bars():
+        outcome = score_customers(as_of=_date(as_of), run_id=run_id, publish=not backfill)
     _print_outcome(outcome)
 
 
@@ -299,18 +340,19 @@ def demo(
     top: Annotated[int, typer.Option(min=1)] = 10,
 ) -> None:
     """Run the whole job on the configured warehouse: tables, demo data, model, scores."""
-    from audiobooks_scoring.loading import input_row_counts, load_demo_data
-    from audiobooks_scoring.model_store import ModelStore
+    from audiobooks_scoring.flows.retrain_model import retrain_model
+    from audiobooks_scoring.flows.score_customers import score_customers
+    from audiobooks_scoring.inputs.loading import input_row_counts, load_demo_data
+    from audiobooks_scoring.model.store import ModelStore
     from audiobooks_scoring.warehouse import init_warehouse
-    from flows.retrain_model import retrain_model
-    from flows.score_customers import score_customers
 
     settings = _settings()
     warehouse = init_warehouse(settings)
     console.rule(f"warehouse {settings.warehouse_url_safe}")
     counts = input_row_counts(warehouse)
     if counts.training_rows == 0 or counts.activity_rows == 0:
-        result = load_demo_data(warehouse, customers, 7, date.today(), settings.chunk_size)
+        with progress_bars():
+            result = load_demo_data(warehouse, customers, 7, date.today(), settings.chunk_size)
         console.print(
             f"loaded demo data: {result.training_rows} training examples, "
             f"{result.activity_rows} customers to score"
@@ -324,9 +366,11 @@ def demo(
         console.rule("training the first model")
         retrain_model()
     console.rule("scoring")
-    outcome = score_customers()
+    with progress_bars():
+        outcome = score_customers()
     if not isinstance(outcome, dict):
         _print_outcome(outcome)
+        return
     _print_top(warehouse, top)
     console.print(
         f"\nrun {outcome['run_id']}: {outcome['rows_in']} customers in, "
@@ -343,11 +387,10 @@ def demo(
 def _print_top(warehouse, top: int) -> None:
     from sqlalchemy import select
 
-    from audiobooks_scoring.warehouse import read_frame, reasons_column
+    from audiobooks_scoring.warehouse import reasons_column
 
     scores = warehouse.tables.scores
-    frame = read_frame(
-        warehouse.engine,
+    frame = warehouse.read_frame(
         select(
             scores.c.rank,
             scores.c.customer_id,
@@ -376,13 +419,11 @@ def runs(
     """List recent scoring runs from the run ledger."""
     from sqlalchemy import select
 
-    from audiobooks_scoring.warehouse import init_warehouse, read_frame
+    from audiobooks_scoring.warehouse import init_warehouse
 
     warehouse = init_warehouse(_settings())
     ledger = warehouse.tables.runs
-    frame = read_frame(
-        warehouse.engine, select(ledger).order_by(ledger.c.started_at.desc()).limit(limit)
-    )
+    frame = warehouse.read_frame(select(ledger).order_by(ledger.c.started_at.desc()).limit(limit))
     records = json.loads(frame.to_json(orient="records", date_format="iso"))
     if as_json:
         sys.stdout.write(json.dumps(records, indent=2) + "\n")
@@ -412,7 +453,7 @@ def export(
     format: Annotated[str, typer.Option(help="csv or parquet")] = "csv",
 ) -> None:
     """Write the current campaign targets (id, probability, rank, decile, reasons) to a file."""
-    from audiobooks_scoring.exporting import export_targets
+    from audiobooks_scoring.reporting.export import export_targets
     from audiobooks_scoring.warehouse import init_warehouse
 
     settings = _settings()
@@ -439,7 +480,8 @@ def bench(
     settings = _settings()
     if warehouse:
         settings = settings.model_copy(update={"warehouse_url": SecretStr(warehouse)})
-    report = run_bench(settings, customers, repeats)
+    with progress_bars():
+        report = run_bench(settings, customers, repeats)
     if as_json:
         sys.stdout.write(json.dumps(report.to_json()) + "\n")
     else:
@@ -449,7 +491,7 @@ def bench(
 @app.command()
 def serve() -> None:
     """Serve both deployments (nightly scoring, on-demand retrain) from this process."""
-    from deployments.serve import serve_deployments
+    from audiobooks_scoring.deployments.serve import serve_deployments
 
     serve_deployments()
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,7 +70,7 @@ SCORE_REASON_CODES: tuple[str, ...] = tuple(
     f"{name}_{side}" for name in FEATURES for side in ("high", "low")
 )
 
-REASON_CODES: dict[str, str] = {
+REJECT_REASONS: dict[str, str] = {
     "missing_customer_id": "customer_id is missing or not a whole number",
     "not_numeric": "a feature holds text that is not a number",
     "missing_value": "a feature is missing (NULL or NaN)",
@@ -150,10 +151,11 @@ def _row_rules(
     bad_id = ~np.isfinite(ids) | (ids != np.round(ids))
     if id_text is not None:
         bad_id |= id_text
-    yield bad_id, "missing_customer_id", f"{CUSTOMER_ID}: {REASON_CODES['missing_customer_id']}"
+    yield bad_id, "missing_customer_id", f"{CUSTOMER_ID}: {REJECT_REASONS['missing_customer_id']}"
     for name in FEATURES:
-        if texts[name] is not None:
-            yield texts[name], "not_numeric", f"{name}: not a number"
+        text = texts[name]
+        if text is not None:
+            yield text, "not_numeric", f"{name}: not a number"
     for name in FEATURES:
         yield np.isnan(values[name]), "missing_value", f"{name}: missing"
     for name in FEATURES:
@@ -227,7 +229,7 @@ def validate_chunk(frame: pd.DataFrame, run_id: str, rejected_at) -> ChunkValida
 
     if len(rejected):
         keep = ~bad
-        columns = {CUSTOMER_ID: ids[keep].astype(np.int64)}
+        columns: dict[str, Any] = {CUSTOMER_ID: ids[keep].astype(np.int64)}
         if WINDOW_END in frame.columns:
             columns[WINDOW_END] = as_dates(frame[WINDOW_END].to_numpy()[keep])
         columns.update({name: values[name][keep] for name in FEATURES})

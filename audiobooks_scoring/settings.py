@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -10,7 +14,14 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+logger = logging.getLogger(__name__)
+
 IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+WAREHOUSE_ADAPTERS = ("sqlite", "postgresql", "duckdb", "mysql", "generic")
+ENV_PREFIX = "AUDIOBOOKS_"
+NOT_SETTINGS = frozenset(
+    {"TEST_POSTGRES_URL", "TEST_PAUSE_AT", "TEST_PAUSE_MARKER", "PROJECT_DIR"}
+)  # variables of the tests and of prefect.yaml, not of the job
 TABLE_SETTINGS = (
     "training_table",
     "activity_table",
@@ -49,6 +60,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     warehouse_url: SecretStr | None = None
     warehouse_schema: str | None = None
+    warehouse_adapter: str | None = None  # default: the adapter of the URL's dialect
 
     training_table: str = "training_examples"
     activity_table: str = "customer_activity"
@@ -107,6 +119,18 @@ class Settings(BaseSettings):
             ) from None
         return value
 
+    @field_validator("warehouse_adapter")
+    @classmethod
+    def _adapter_is_known(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if value not in WAREHOUSE_ADAPTERS:
+            raise ValueError(
+                f"setting 'warehouse_adapter' must be one of {', '.join(WAREHOUSE_ADAPTERS)}; "
+                f"got {value!r}"
+            )
+        return value
+
     @field_validator("warehouse_schema")
     @classmethod
     def _schema_is_identifier(cls, value: str | None, info) -> str | None:
@@ -143,6 +167,27 @@ class Settings(BaseSettings):
         return self.reports_dir or self.data_dir / "reports"
 
 
+def unknown_environment_settings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`AUDIOBOOKS_*` variables that name no setting, each with the closest setting's name."""
+    known = [name.upper() for name in Settings.model_fields]
+    problems = []
+    for variable in sorted(os.environ if environ is None else environ):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        name = variable[len(ENV_PREFIX) :]
+        if name in known or name in NOT_SETTINGS:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        problems.append(f"{variable} is not a setting and is ignored{hint}")
+    return problems
+
+
 def load_settings(**overrides) -> Settings:
-    """Settings from the environment, with explicit overrides taking precedence."""
+    """Settings from the environment, with explicit overrides taking precedence.
+
+    Unknown `AUDIOBOOKS_*` variables are logged as warnings naming the closest setting.
+    """
+    for problem in unknown_environment_settings():
+        logger.warning(problem)
     return Settings(**overrides)

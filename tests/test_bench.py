@@ -19,8 +19,8 @@ from audiobooks_scoring.bench import (
     floor_table,
     run_bench,
 )
-from audiobooks_scoring.loading import load_demo_data
-from audiobooks_scoring.warehouse import RANKED_COLUMNS, init_warehouse
+from audiobooks_scoring.inputs.loading import load_demo_data
+from audiobooks_scoring.warehouse import LIST_COLUMNS, init_warehouse
 from tests.conftest import make_settings
 
 JSON_KEYS = {"customers", "floor_s", "pipeline_s", "naive_s", "model_rows_per_s", "peak_rss_mb"}
@@ -106,7 +106,7 @@ def test_floor_writes_rows_shaped_like_the_stored_list(dialect, tmp_path, reques
     warehouse = init_warehouse(make_settings(tmp_path, dialect, postgres))
     scores = warehouse.tables.scores
     table = floor_table(warehouse)
-    stored = [c.name for c in scores.c if dialect == "sqlite" or c.name in RANKED_COLUMNS]
+    stored = [c.name for c in scores.c if dialect == "sqlite" or c.name in LIST_COLUMNS]
     assert [c.name for c in table.c] == stored
     for column in table.c:
         assert type(column.type) is type(scores.c[column.name].type)

@@ -47,7 +47,7 @@ def test_load_csv_loads_the_real_file_and_refuses_a_malformed_one(local_env):
 
 
 def test_models_list_and_show(local_env, trained_store_dir):
-    from audiobooks_scoring.model_store import ModelStore
+    from audiobooks_scoring.model.store import ModelStore
 
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 0 and "champion" in result.output

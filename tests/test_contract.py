@@ -13,7 +13,7 @@ from audiobooks_scoring.contract import (
     ACTIVITY_COLUMNS,
     CUSTOMER_ID,
     FEATURES,
-    REASON_CODES,
+    REJECT_REASONS,
     ContractError,
     check_columns,
     validate_chunk,
@@ -66,7 +66,7 @@ def test_each_rule_rejects_with_its_reason_code(change, code):
     checked = validate_chunk(frame, "run-1", NOW)
     assert len(checked.valid) == 2
     assert list(checked.rejected["reason_code"]) == [code]
-    assert code in REASON_CODES
+    assert code in REJECT_REASONS
     rejected = checked.rejected.iloc[0]
     assert rejected["run_id"] == "run-1"
     assert set(json.loads(rejected["raw_values"])) == set(ACTIVITY_COLUMNS)

@@ -36,17 +36,21 @@ SELECT
 FROM {customer_scores_explained_view}
 WHERE is_target AND NOT holdout;
 
--- decile_summary: per decile of the current list (1 = most likely to buy again),
+-- decile_summary: per decile of the current list (1 = most likely to buy again), in order:
 -- how many customers, their probability range, the buyers to expect, targets and holdout.
+-- Rounded for reading (4 places): min_probability, max_probability, mean_probability.
+-- Full precision, for further computation: expected_buyers (the sum of the probabilities);
+-- the exact probabilities of every customer are in customer_scores.
 CREATE VIEW {decile_summary_view} AS
 SELECT
     decile,
     count(*) AS customers,
-    min(probability) AS min_probability,
-    max(probability) AS max_probability,
-    avg(probability) AS mean_probability,
+    round(CAST(min(probability) AS NUMERIC(12, 6)), 4) AS min_probability,
+    round(CAST(max(probability) AS NUMERIC(12, 6)), 4) AS max_probability,
+    round(CAST(avg(probability) AS NUMERIC(12, 6)), 4) AS mean_probability,
     sum(probability) AS expected_buyers,
     sum(CASE WHEN is_target THEN 1 ELSE 0 END) AS targets,
     sum(CASE WHEN holdout THEN 1 ELSE 0 END) AS holdout_customers
 FROM {scores_table}
 GROUP BY decile
+ORDER BY decile

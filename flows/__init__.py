@@ -1,1 +1,0 @@
-"""Prefect flows: thin wiring of the library's steps."""

@@ -1,0 +1,50 @@
+"""deployments/prefect.yaml: both deployments, their entrypoints, schedule and limits."""
+
+from __future__ import annotations
+
+from prefect.client.schemas.schedules import CronSchedule
+
+from audiobooks_scoring.deployments.serve import (
+    build_runner_deployments,
+    load_entrypoint,
+    read_deployments,
+)
+
+
+def by_name() -> dict:
+    return {entry["name"]: entry for entry in read_deployments()}
+
+
+def test_both_deployments_are_declared_with_importable_entrypoints():
+    entries = by_name()
+    assert set(entries) == {"nightly", "on-demand"}
+    assert load_entrypoint(entries["nightly"]["entrypoint"]).name == "score-customers"
+    assert load_entrypoint(entries["on-demand"]["entrypoint"]).name == "retrain-model"
+
+
+def test_nightly_scoring_runs_at_two_with_a_time_zone_and_one_at_a_time():
+    nightly = by_name()["nightly"]
+    (schedule,) = nightly["schedules"]
+    assert schedule["cron"] == "0 2 * * *"
+    assert schedule["timezone"] == "Europe/London"
+    assert CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"]).cron == "0 2 * * *"
+    assert nightly["concurrency_limit"] == 1
+
+
+def test_retrain_has_no_schedule_and_is_triggered_by_the_drift_alert():
+    from audiobooks_scoring.flows.score_customers import DRIFT_ALERT_EVENT
+
+    retrain = by_name()["on-demand"]
+    assert not retrain["schedules"]
+    (trigger,) = retrain["triggers"]
+    assert trigger["expect"] == [DRIFT_ALERT_EVENT]
+
+
+def test_the_serve_script_builds_the_same_deployments():
+    deployments = {d.name: d for d in build_runner_deployments()}
+    nightly = deployments["nightly"]
+    assert nightly.schedules[0].schedule.cron == "0 2 * * *"
+    assert nightly.schedules[0].schedule.timezone == "Europe/London"
+    assert nightly.concurrency_limit == 1
+    assert not deployments["on-demand"].schedules
+    assert deployments["on-demand"].triggers[0].expect == {"audiobooks.scoring.drift-alert"}
