@@ -342,6 +342,7 @@ def demo(
     """Run the whole job on the configured warehouse: tables, demo data, model, scores."""
     from audiobooks_scoring.flows.retrain_model import retrain_model
     from audiobooks_scoring.flows.score_customers import score_customers
+    from audiobooks_scoring.inputs.demo_outcomes import earlier_run_date, load_demo_earlier_window
     from audiobooks_scoring.inputs.loading import input_row_counts, load_demo_data
     from audiobooks_scoring.model.store import ModelStore
     from audiobooks_scoring.warehouse import init_warehouse
@@ -353,9 +354,13 @@ def demo(
     if counts.training_rows == 0 or counts.activity_rows == 0:
         with progress_bars():
             result = load_demo_data(warehouse, customers, 7, date.today(), settings.chunk_size)
+            load_demo_earlier_window(
+                warehouse, customers, 7, earlier_run_date(date.today()), settings.chunk_size
+            )
         console.print(
             f"loaded demo data: {result.training_rows} training examples, "
-            f"{result.activity_rows} customers to score"
+            f"{result.activity_rows} customers to score (and the same activity dated "
+            f"{earlier_run_date(date.today())}, for an earlier run)"
         )
     else:
         console.print(
@@ -382,6 +387,64 @@ def demo(
         f"[bold]campaign_targets[/bold] in {settings.warehouse_url_safe}"
     )
     console.print(f"report: {outcome.get('report_path')}")
+    _demo_closing_the_loop(settings, warehouse)
+
+
+def _demo_closing_the_loop(settings, warehouse) -> None:
+    """Score an earlier run, simulate its customers' purchases, measure what it achieved."""
+    from sqlalchemy import func, select
+
+    from audiobooks_scoring.flows.measure_outcomes import measure_outcomes
+    from audiobooks_scoring.flows.score_customers import score_customers
+    from audiobooks_scoring.inputs.demo_outcomes import (
+        earlier_run_date,
+        has_window_on_or_before,
+        load_demo_purchases,
+    )
+    from audiobooks_scoring.outcomes.loop import read_outcome_ledger
+
+    today = date.today()
+    earlier = earlier_run_date(today)
+    console.rule("closing the loop: what an earlier list achieved")
+    purchases = warehouse.tables.purchases
+    with warehouse.engine.connect() as conn:
+        has_purchases = bool(conn.execute(select(func.count()).select_from(purchases)).scalar())
+    simulated = None
+    if has_purchases:
+        console.print(f"{purchases.name} already holds purchases: measuring them")
+    elif not has_window_on_or_before(warehouse, earlier):
+        console.print(f"no activity window on or before {earlier}: no earlier run to measure")
+    else:
+        with progress_bars():
+            earlier_run = score_customers(as_of=earlier, publish=False)
+        if not isinstance(earlier_run, dict):
+            _print_outcome(earlier_run)
+            return
+        simulated = load_demo_purchases(
+            warehouse, earlier_run["run_id"], earlier, settings.outcome_horizon_days
+        )
+        console.print(
+            f"backfilled run {earlier_run['run_id']} ({earlier_run.get('targets')} targets) and "
+            f"simulated {len(simulated.frame)} purchases in its {settings.outcome_horizon_days}"
+            f"-day horizon; simulated campaign effect: {simulated.describe()}"
+        )
+    measured = measure_outcomes(as_of=today)
+    ledger = read_outcome_ledger(warehouse)
+    if ledger.empty:
+        console.print("no run had outcomes to measure yet")
+        return
+    _print_outcomes(ledger)
+    for row in ledger.to_dict("records"):
+        if row["uplift"] is None or row["uplift"] != row["uplift"]:
+            continue
+        console.print(
+            f"run {row['run_id']}: measured uplift "
+            f"{_uplift_text(row['uplift'], row['uplift_ci_low'], row['uplift_ci_high'])} "
+            f"points (95% interval), {row['targeted']} targeted against {row['control']} "
+            f"comparable control customers"
+            + (f"; simulated: {simulated.describe()}" if simulated is not None else "")
+        )
+    console.print(f"outcomes report: {measured['report_path']}")
 
 
 def _print_top(warehouse, top: int) -> None:
@@ -448,6 +511,100 @@ def runs(
 
 
 @app.command()
+def outcomes(
+    as_of: Annotated[
+        str | None, typer.Option("--as-of", help="Measurement date YYYY-MM-DD (default: today).")
+    ] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Measure this run only (again, even if final).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run the measure-outcomes flow: what each published list achieved against the holdout."""
+    from audiobooks_scoring.flows.measure_outcomes import measure_outcomes
+    from audiobooks_scoring.outcomes.loop import (
+        OutcomesError,
+        ledger_summaries,
+        read_outcome_ledger,
+    )
+    from audiobooks_scoring.warehouse import init_warehouse
+
+    settings = _settings()
+    try:
+        result = measure_outcomes(as_of=_date(as_of), run_id=run_id)
+    except OutcomesError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    ledger = read_outcome_ledger(init_warehouse(settings), run_id)
+    if as_json:
+        sys.stdout.write(json.dumps({"runs": ledger_summaries(ledger)}, indent=2) + "\n")
+        return
+    _print_outcomes(ledger)
+    console.print(
+        f"measured {len(result['runs'])} run(s) on {result['measured_on']}; "
+        f"report: {result['report_path']}"
+    )
+    for decayed in result["decay_alerts"]:
+        console.print(f"[red]performance decay[/red] in run {decayed}: see the report")
+
+
+def _print_outcomes(ledger) -> None:
+    table = RichTable(title="What each published list achieved (run_outcomes)")
+    headers = (
+        "run",
+        "as of",
+        "maturity",
+        "status",
+        "targeted",
+        "rate",
+        "control",
+        "rate",
+        "uplift, points [95% CI]",
+        "extra buyers",
+        "AUC",
+        "promised",
+        "Brier",
+    )
+    for header in headers:
+        table.add_column(header, no_wrap=True)
+    notes = []
+    for row in ledger.to_dict("records"):
+        table.add_row(
+            str(row["run_id"]),
+            str(row["as_of"])[:10],
+            _number(row["maturity"], ".2f"),
+            str(row["status"]),
+            str(row["targeted"]),
+            _number(row["targeted_rate"], ".4f"),
+            str(row["control"]),
+            _number(row["control_rate"], ".4f"),
+            _uplift_text(row["uplift"], row["uplift_ci_low"], row["uplift_ci_high"]),
+            _number(row["incremental_conversions"], ".1f"),
+            _number(row["realized_auc"], ".4f"),
+            _number(row["expected_auc"], ".4f"),
+            _number(row["brier"], ".4f"),
+        )
+        for note in (row["uplift_note"], row["reason"]):
+            if isinstance(note, str) and note:
+                notes.append(f"{row['run_id']}: {note}")
+    Console(width=max(console.width, 170)).print(table)
+    for note in notes:
+        console.print(note)
+
+
+def _number(value, spec: str) -> str:
+    if value is None or value != value:
+        return "-"
+    return format(float(value), spec)
+
+
+def _uplift_text(uplift, low, high) -> str:
+    if uplift is None or uplift != uplift:
+        return "-"
+    return f"{100 * uplift:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+@app.command()
 def export(
     out: Annotated[Path, typer.Option(help="File to write.")],
     format: Annotated[str, typer.Option(help="csv or parquet")] = "csv",
@@ -490,7 +647,7 @@ def bench(
 
 @app.command()
 def serve() -> None:
-    """Serve both deployments (nightly scoring, on-demand retrain) from this process."""
+    """Serve the deployments (nightly scoring, on-demand retrain, weekly outcomes) here."""
     from audiobooks_scoring.deployments.serve import serve_deployments
 
     serve_deployments()

@@ -91,7 +91,14 @@ def prepare_run(run: ScoringRun) -> int:
 
 def load_champion(run: ScoringRun) -> ScoringModel:
     """The champion model, digest-verified and loaded in safe mode."""
-    return load_stored_champion(ModelStore(run.settings.model_store_path))
+    model = load_stored_champion(ModelStore(run.settings.model_store_path))
+    auc = model.metrics.get("auc")
+    logger.info(
+        "champion model %s loaded (test-split AUC %s)",
+        model.version,
+        "unknown" if auc is None else f"{auc:.4f}",
+    )
+    return model
 
 
 def stage_population(

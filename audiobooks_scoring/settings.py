@@ -30,6 +30,9 @@ TABLE_SETTINGS = (
     "runs_table",
     "rejected_table",
     "model_versions_table",
+    "purchases_table",
+    "outcomes_table",
+    "outcome_deciles_table",
 )
 
 
@@ -69,6 +72,9 @@ class Settings(BaseSettings):
     runs_table: str = "scoring_runs"
     rejected_table: str = "rejected_rows"
     model_versions_table: str = "model_versions"
+    purchases_table: str = "customer_purchases"
+    outcomes_table: str = "run_outcomes"
+    outcome_deciles_table: str = "run_outcome_deciles"
 
     model_store_dir: Path | None = None
     reports_dir: Path | None = None
@@ -99,6 +105,10 @@ class Settings(BaseSettings):
     dask_workers: int = Field(default=2, ge=1)
 
     timezone: str = "Europe/London"
+
+    outcome_horizon_days: int = Field(default=183, ge=1, le=3_660)
+    decay_auc_tolerance: float = Field(default=0.03, ge=0.0, le=1.0)
+    decay_min_maturity: float = Field(default=1.0, gt=0.0, le=1.0)
 
     @field_validator(*TABLE_SETTINGS)
     @classmethod

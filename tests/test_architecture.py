@@ -115,9 +115,7 @@ def run_python(code: str, *args: str, timeout: float = 300) -> subprocess.Comple
 
 
 def test_the_library_imports_neither_prefect_nor_the_layers_above_it():
-    result = run_python(
-        PROBE, json.dumps(ABOVE_THE_LIBRARY), json.dumps(NEVER_IN_THE_LIBRARY)
-    )
+    result = run_python(PROBE, json.dumps(ABOVE_THE_LIBRARY), json.dumps(NEVER_IN_THE_LIBRARY))
     assert result.returncode == 0, f"importing the library failed:\n{result.stderr[-6000:]}"
     report = json.loads(result.stdout.strip().splitlines()[-1])
     modules = report["modules"]

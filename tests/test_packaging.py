@@ -180,7 +180,7 @@ def test_installed_package_is_the_wheels(installed, tmp_path):
         print(Path(audiobooks_scoring.__file__).resolve())
         print(SQL_DIR.resolve())
         print(PREFECT_YAML.resolve())
-        assert {entry["name"] for entry in read_deployments()} == {"nightly", "on-demand"}
+        assert {e["name"] for e in read_deployments()} == {"nightly", "on-demand", "weekly"}
         """
     )
     lines = run(

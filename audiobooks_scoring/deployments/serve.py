@@ -1,4 +1,4 @@
-"""Serve both deployments of `prefect.yaml` from one local process (the embedded default)."""
+"""Serve every deployment of `prefect.yaml` from one local process (the embedded default)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def build_runner_deployments(path: Path = PREFECT_YAML) -> list:
 
 
 def serve_deployments() -> None:
-    """Serve the nightly scoring and on-demand retrain deployments until interrupted."""
+    """Serve the nightly scoring, on-demand retrain and weekly outcome deployments until stopped."""
     from prefect import serve
 
     serve(*build_runner_deployments())

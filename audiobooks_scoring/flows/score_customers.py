@@ -44,7 +44,12 @@ def measure_drift(run: pipeline.ScoringRun, built: pipeline.BuiltList) -> pipeli
             resource={"prefect.resource.id": f"audiobooks.scoring.{run.run_id}"},
             payload=drift.ledger,
         )
-        get_run_logger().warning("drift alert: %s", drift.ledger)
+        get_run_logger().warning(
+            "drift alert: score PSI %.4f, largest feature PSI %.4f (%s)",
+            drift.ledger["score_psi"],
+            drift.ledger["max_feature_psi"],
+            drift.ledger["max_psi_feature"],
+        )
     return drift
 
 

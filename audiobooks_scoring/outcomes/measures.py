@@ -213,9 +213,11 @@ def purchase_days(values: pd.Series) -> np.ndarray:
         raise ValueError(f"purchased_at must hold dates or timestamps, not {values.dtype}")
     try:
         stamps = pd.to_datetime(values)
-    except ValueError:
-        logger.debug("purchased_at mixes time zones; reading each timestamp's wall-clock time")
-        stamps = pd.to_datetime(values.map(_wall_clock))
+    except (ValueError, TypeError):
+        # Mixed time zones or text formats (SQLite stores dates as text): each value is read
+        # on its own, at its wall-clock time; text that is no date becomes NaT (counted).
+        logger.debug("purchased_at mixes formats or time zones; reading each value on its own")
+        stamps = pd.to_datetime(values.map(_wall_clock), format="mixed", errors="coerce")
     if isinstance(stamps.dtype, pd.DatetimeTZDtype):
         stamps = stamps.dt.tz_localize(None)
     return np.asarray(stamps.to_numpy()).astype("datetime64[D]")

@@ -1,8 +1,10 @@
 """The portable run lock: one row in a lock table, for engines without a session lock.
 
-A run takes the lock by inserting the row (the primary key refuses a second one) and frees
-it by deleting its own row. A row left by a process that died is taken over when its
-holder ran on this machine and is gone, or when it is older than `LOCK_LEASE`.
+A run takes the lock by inserting its row and reading the lock's rows back: the earliest row
+holds the lock (where the engine enforces the primary key a second row is refused; where it
+does not, e.g. Snowflake, the later run sees the earlier row, deletes its own and stands
+down). It frees the lock by deleting its own row. A row left by a process that died is taken
+over when its holder ran on this machine and is gone, or when it is older than `LOCK_LEASE`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, insert, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 
 from audiobooks_scoring.warehouse.adapter import RunLockHandle
-from audiobooks_scoring.warehouse.errors import AnotherRunPublishing, RunLockLost
+from audiobooks_scoring.warehouse.errors import AnotherRunPublishing, RunLockLost, WarehouseError
 
 if TYPE_CHECKING:
     from audiobooks_scoring.warehouse.adapter import WarehouseAdapter
@@ -80,6 +81,7 @@ class _LockRow(RunLockHandle):
 
 
 def _try_insert(adapter: WarehouseAdapter, table: Table, name: str, token: str) -> bool:
+    """Whether this run's row is the lock's earliest (its row is removed when it is not)."""
     holder = f"{socket.gethostname()}:{os.getpid()}"
     try:
         with adapter.engine.begin() as conn:
@@ -88,9 +90,26 @@ def _try_insert(adapter: WarehouseAdapter, table: Table, name: str, token: str) 
                     lock_name=name, holder=holder, token=token, acquired_at=datetime.now(UTC)
                 )
             )
-    except IntegrityError:
-        return False
-    return True
+    except Exception:  # noqa: BLE001 - the key refused it (each driver names it its own way)
+        pass
+    with adapter.engine.connect() as conn:
+        tokens = (
+            conn.execute(
+                select(table.c.token)
+                .where(table.c.lock_name == name)
+                .order_by(table.c.acquired_at, table.c.token)
+            )
+            .scalars()
+            .all()
+        )
+    if not tokens:
+        raise WarehouseError(f"the run lock row could not be written to {table.name}")
+    if tokens[0] == token:
+        return True
+    if token in tokens:
+        with adapter.engine.begin() as conn:
+            conn.execute(delete(table).where(table.c.token == token))
+    return False
 
 
 @contextmanager

@@ -31,6 +31,9 @@ _TEMPLATE_ATTRS = {
     "rejected_table": "rejected",
     "model_versions_table": "model_versions",
     "staging_table": "staging",
+    "purchases_table": "purchases",
+    "outcomes_table": "outcomes",
+    "outcome_deciles_table": "outcome_deciles",
 }
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Double,
     Enum,
     Index,
+    Integer,
     MetaData,
     SmallInteger,
     String,
@@ -44,7 +45,12 @@ LIST_COLUMNS = (
 )
 """The columns of the target list that vary by customer (the rest is constant in a run)."""
 
-VIEW_NAMES = ("campaign_targets", "decile_summary", "customer_scores_explained")
+VIEW_NAMES = (
+    "campaign_targets",
+    "decile_summary",
+    "customer_scores_explained",
+    "campaign_uplift",
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ class WarehouseTables:
     rejected: Table
     model_versions: Table
     staging: Table
+    purchases: Table
+    outcomes: Table
+    outcome_deciles: Table
 
     @property
     def schema(self) -> str | None:
@@ -227,7 +236,16 @@ def build_tables(settings: Settings, layout: TableLayout) -> WarehouseTables:
         prefixes=list(layout.staging_prefixes),
     )
     return WarehouseTables(
-        metadata, training, activity, scores, history, runs, rejected, model_versions, staging
+        metadata,
+        training,
+        activity,
+        scores,
+        history,
+        runs,
+        rejected,
+        model_versions,
+        staging,
+        *outcome_tables(settings, metadata),
     )
 
 
@@ -243,3 +261,73 @@ def next_list_table(tables: WarehouseTables, columns: tuple[str, ...] | None = N
             if c.name in wanted
         ],
     )
+
+
+def outcome_tables(settings: Settings, metadata: MetaData) -> tuple[Table, Table, Table]:
+    """The purchases input, the per-run outcome ledger and its per-decile companion."""
+    purchases = Table(
+        settings.purchases_table,
+        metadata,
+        Column(CUSTOMER_ID, BigInteger),
+        Column("purchased_at", DateTime),  # wall-clock time of the purchase; its date counts
+        Index(f"ix_{settings.purchases_table}_purchased_at"[:60], "purchased_at"),
+    )
+    outcomes = Table(
+        settings.outcomes_table,
+        metadata,
+        Column("run_id", String(80), primary_key=True),
+        Column("as_of", Date, nullable=False),
+        Column("measured_on", Date, nullable=False),
+        Column("horizon_days", Integer, nullable=False),
+        Column("maturity", Double, nullable=False),
+        Column("provisional", Boolean, nullable=False),
+        Column("status", String(32), nullable=False),
+        Column("reason", Text),
+        Column("model_version", String(80)),
+        Column("customers", BigInteger, nullable=False),
+        Column("targeted", BigInteger, nullable=False),
+        Column("targeted_conversions", BigInteger, nullable=False),
+        Column("targeted_rate", Double),
+        Column("lowest_targeted_probability", Double),
+        Column("control", BigInteger, nullable=False),
+        Column("control_conversions", BigInteger, nullable=False),
+        Column("control_rate", Double),
+        Column("uplift", Double),
+        Column("uplift_ci_low", Double),
+        Column("uplift_ci_high", Double),
+        Column("confidence", Double, nullable=False),
+        Column("incremental_conversions", Double),
+        Column("uplift_note", Text),
+        Column("control_customers", BigInteger, nullable=False),
+        Column("control_base_rate", Double),
+        Column("mean_predicted", Double),
+        Column("realized_auc", Double),
+        Column("expected_auc", Double),
+        Column("brier", Double),
+        Column("purchases_used", BigInteger, nullable=False),
+        Column("purchases_unknown_customer", BigInteger, nullable=False),
+        Column("purchases_missing_date", BigInteger, nullable=False),
+        Column("purchases_before_run", BigInteger, nullable=False),
+        Column("purchases_after_horizon", BigInteger, nullable=False),
+        Column("measured_at", DateTime(timezone=True), nullable=False),
+        Column("report_path", Text),
+    )
+    outcome_deciles = Table(
+        settings.outcome_deciles_table,
+        metadata,
+        Column("run_id", String(80), primary_key=True),
+        Column("decile", SmallInteger, primary_key=True, autoincrement=False),
+        Column("control_customers", BigInteger, nullable=False),
+        Column("mean_predicted", Double),
+        Column("observed_rate", Double),
+        Column("cumulative_gain_realized", Double),
+        Column("cumulative_gain_promised", Double),
+        Column("targeted", BigInteger, nullable=False),
+        Column("targeted_rate", Double),
+        Column("control", BigInteger, nullable=False),
+        Column("control_rate", Double),
+        Column("uplift", Double),
+        Column("uplift_ci_low", Double),
+        Column("uplift_ci_high", Double),
+    )
+    return purchases, outcomes, outcome_deciles

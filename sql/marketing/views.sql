@@ -45,12 +45,51 @@ CREATE VIEW {decile_summary_view} AS
 SELECT
     decile,
     count(*) AS customers,
-    round(CAST(min(probability) AS NUMERIC(12, 6)), 4) AS min_probability,
-    round(CAST(max(probability) AS NUMERIC(12, 6)), 4) AS max_probability,
-    round(CAST(avg(probability) AS NUMERIC(12, 6)), 4) AS mean_probability,
+    round(CAST(min(probability) AS DECIMAL(12, 6)), 4) AS min_probability,
+    round(CAST(max(probability) AS DECIMAL(12, 6)), 4) AS max_probability,
+    round(CAST(avg(probability) AS DECIMAL(12, 6)), 4) AS mean_probability,
     sum(probability) AS expected_buyers,
     sum(CASE WHEN is_target THEN 1 ELSE 0 END) AS targets,
     sum(CASE WHEN holdout THEN 1 ELSE 0 END) AS holdout_customers
 FROM {scores_table}
 GROUP BY decile
-ORDER BY decile
+ORDER BY decile;
+
+-- campaign_uplift: what each measured list achieved, one row per run (its latest
+-- measurement). Uplift = conversion rate of the targeted customers minus that of the
+-- comparable control customers (holdout customers scored at least as high as the lowest
+-- targeted one), with its 95% interval; in percentage points for reading (2 places) and in
+-- full precision. verdict reads the interval: above zero, below zero, or containing it.
+-- provisional: the run's horizon (AUDIOBOOKS_OUTCOME_HORIZON_DAYS) has not fully elapsed
+-- on measured_on, so more buyers may still come; maturity is the share elapsed.
+CREATE VIEW {campaign_uplift_view} AS
+SELECT
+    run_id,
+    as_of,
+    measured_on,
+    maturity,
+    provisional,
+    status,
+    model_version,
+    targeted,
+    targeted_rate,
+    control,
+    control_rate,
+    round(CAST(100 * uplift AS DECIMAL(12, 6)), 2) AS uplift_points,
+    round(CAST(100 * uplift_ci_low AS DECIMAL(12, 6)), 2) AS uplift_points_ci_low,
+    round(CAST(100 * uplift_ci_high AS DECIMAL(12, 6)), 2) AS uplift_points_ci_high,
+    CASE
+        WHEN uplift IS NULL THEN 'not measurable'
+        WHEN uplift_ci_low > 0 THEN 'more buyers than without the campaign'
+        WHEN uplift_ci_high < 0 THEN 'fewer buyers than without the campaign'
+        ELSE 'no clear difference'
+    END AS verdict,
+    incremental_conversions,
+    uplift,
+    uplift_ci_low,
+    uplift_ci_high,
+    realized_auc,
+    expected_auc,
+    uplift_note,
+    reason
+FROM {outcomes_table}

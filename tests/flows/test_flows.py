@@ -8,7 +8,6 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.testing.fixtures import asserting_events_worker  # noqa: F401 - a fixture
-from prefect.testing.utilities import prefect_test_harness
 from sqlalchemy import select
 
 from audiobooks_scoring.inputs.loading import load_demo_data
@@ -17,13 +16,6 @@ from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import init_warehouse
 
 AS_OF = date(2026, 11, 25)
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """One temporary Prefect server for the whole session."""
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from audiobooks_scoring.outcomes.measures import (
     maturity,
     measure_outcome,
     newcombe_interval,
+    purchase_days,
     wilson_interval,
 )
 
@@ -663,3 +664,10 @@ def test_true_uplift_is_delta_less_the_capped_part(threshold: float, delta: floa
 
     assert true_uplift(threshold, delta) == pytest.approx(expected, rel=1e-6)
     assert true_uplift(threshold, delta) < delta
+
+
+def test_purchase_dates_in_mixed_text_formats_are_read_and_garbage_is_missing():
+    values = pd.Series(["2027-01-10", "2027-01-15 10:00:00", "2027-01-16T23:59:59", "soon", None])
+    days = purchase_days(values)
+    assert [str(day) for day in days[:3]] == ["2027-01-10", "2027-01-15", "2027-01-16"]
+    assert np.isnat(days[3]) and np.isnat(days[4])
