@@ -19,9 +19,8 @@ logger = logging.getLogger(__name__)
 IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 WAREHOUSE_ADAPTERS = ("sqlite", "postgresql", "duckdb", "mysql", "generic")
 ENV_PREFIX = "AUDIOBOOKS_"
-NOT_SETTINGS = frozenset(
-    {"TEST_POSTGRES_URL", "TEST_PAUSE_AT", "TEST_PAUSE_MARKER", "PROJECT_DIR"}
-)  # variables of the tests and of prefect.yaml, not of the job
+NOT_SETTINGS = frozenset({"PROJECT_DIR"})  # prefect.yaml's variable, not the job's
+TEST_VARIABLES = "TEST_"  # AUDIOBOOKS_TEST_*: the test suite's variables
 TABLE_SETTINGS = (
     "training_table",
     "activity_table",
@@ -185,7 +184,7 @@ def unknown_environment_settings(environ: Mapping[str, str] | None = None) -> li
         if not variable.startswith(ENV_PREFIX):
             continue
         name = variable[len(ENV_PREFIX) :]
-        if name in known or name in NOT_SETTINGS:
+        if name in known or name in NOT_SETTINGS or name.startswith(TEST_VARIABLES):
             continue
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""

@@ -79,6 +79,8 @@ def test_known_settings_and_test_variables_are_not_reported():
         "AUDIOBOOKS_WAREHOUSE_SCHEMA": "s",
         "AUDIOBOOKS_CHUNK_SIZE": "5000",
         "AUDIOBOOKS_TEST_POSTGRES_URL": "x",
+        "AUDIOBOOKS_TEST_MARIADB_URL": "x",
+        "AUDIOBOOKS_TEST_ENGINES": "sqlite",
         "AUDIOBOOKS_PROJECT_DIR": "/x",
         "PATH": "/bin",
     }
