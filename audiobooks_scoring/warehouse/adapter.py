@@ -74,6 +74,43 @@ class RunLockHandle:
         """Free the lock."""
 
 
+class SessionLock(RunLockHandle):
+    """A run lock held by a database session kept open for the run (advisory or named lock).
+
+    `held` maps `key` to the session's id while the lock is held, so publication can check,
+    inside its own transaction, that the session still holds it.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        unlock: str,
+        params: Mapping[str, Any],
+        held: dict[Any, int],
+        key: Any,
+    ) -> None:
+        self.connection: Connection | None = connection
+        self.unlock = unlock
+        self.params = dict(params)
+        self.held = held
+        self.key = key
+
+    def release(self) -> None:
+        """Unlock, then close the session (closing it frees the lock anyway)."""
+        self.held.pop(self.key, None)
+        if self.connection is None:
+            return
+        try:
+            self.connection.execute(text(self.unlock), self.params)
+            self.connection.commit()
+        except DBAPIError:
+            logger.warning("could not release the run lock; closing its session frees it")
+            self.connection.invalidate()
+        finally:
+            self.connection.close()
+            self.connection = None
+
+
 class WarehouseAdapter:
     """One warehouse engine: streaming reads, bulk writes, the list's build and swap, the lock."""
 

@@ -87,6 +87,7 @@ from audiobooks_scoring.contract import CUSTOMER_ID
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse.adapter import (
     RunLockHandle,
+    SessionLock,
     WarehouseAdapter,
     _create_engine,
     pause_at,
@@ -140,27 +141,6 @@ def error_code(error: BaseException) -> int | None:
     orig = getattr(error, "orig", None) or error
     args = getattr(orig, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
-
-
-class _UserLock(RunLockHandle):
-    def __init__(self, connection: Connection, name: str, registered: tuple[str, str]) -> None:
-        self.connection: Connection | None = connection
-        self.name = name
-        self.registered = registered
-
-    def release(self) -> None:
-        _HELD_LOCKS.pop(self.registered, None)
-        if self.connection is None:
-            return
-        try:
-            self.connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": self.name})
-            self.connection.commit()
-        except DBAPIError:
-            logger.warning("could not release the run lock; closing its session frees it")
-            self.connection.invalidate()
-        finally:
-            self.connection.close()
-            self.connection = None
 
 
 class MySQLAdapter(WarehouseAdapter):
@@ -579,7 +559,9 @@ class MySQLAdapter(WarehouseAdapter):
             raise
         registered = (self._engine_key(), name)
         _HELD_LOCKS[registered] = connection_id
-        lock = _UserLock(connection, name, registered)
+        lock = SessionLock(
+            connection, "SELECT RELEASE_LOCK(:name)", {"name": name}, _HELD_LOCKS, registered
+        )
         try:
             yield lock
         finally:

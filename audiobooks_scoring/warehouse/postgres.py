@@ -32,6 +32,7 @@ from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import pgcopy
 from audiobooks_scoring.warehouse.adapter import (
     RunLockHandle,
+    SessionLock,
     WarehouseAdapter,
     _create_engine,
     pause_at,
@@ -103,26 +104,6 @@ def _key_parts(key: int) -> dict[str, int]:
 def partition_bound(literal: str) -> str:
     """A history partition bound for a run id literal, spelled as `pg_get_expr` prints it."""
     return f"FOR VALUES IN ({literal})"
-
-
-class _AdvisoryLock(RunLockHandle):
-    def __init__(self, connection: Connection, key: int, registered: tuple[str, int]) -> None:
-        self.connection: Connection | None = connection
-        self.key = key
-        self.registered = registered
-
-    def release(self) -> None:
-        _HELD_LOCKS.pop(self.registered, None)
-        if self.connection is None:
-            return
-        try:
-            self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
-            self.connection.commit()
-        except DBAPIError:
-            logger.warning("could not release the advisory lock; closing its session frees it")
-        finally:
-            self.connection.close()
-            self.connection = None
 
 
 class PostgresAdapter(WarehouseAdapter):
@@ -365,7 +346,9 @@ class PostgresAdapter(WarehouseAdapter):
         connection.commit()
         registered = (self._engine_key(), key)
         _HELD_LOCKS[registered] = pid
-        lock = _AdvisoryLock(connection, key, registered)
+        lock = SessionLock(
+            connection, "SELECT pg_advisory_unlock(:key)", {"key": key}, _HELD_LOCKS, registered
+        )
         try:
             yield lock
         finally:
