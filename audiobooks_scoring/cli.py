@@ -52,6 +52,17 @@ def _date(value: str | None) -> date | None:
         raise typer.BadParameter(f"{value!r} is not a date in YYYY-MM-DD form") from None
 
 
+def _today(settings) -> date:
+    """Today in `AUDIOBOOKS_TIMEZONE`: the date `score` and `train` run as of by default.
+
+    Inputs the CLI dates "today" get this date too, else on a machine whose clock is ahead
+    of that zone they would be dated tomorrow and a run as of today would not see them.
+    """
+    from audiobooks_scoring.flows.common import local_today
+
+    return local_today(settings)
+
+
 def _settings():
     from pydantic import ValidationError
 
@@ -92,6 +103,27 @@ def progress_bars() -> Iterator[None]:
             yield
 
 
+@contextmanager
+def refused_run() -> Iterator[None]:
+    """A scoring run that refuses its model or inputs: one line naming why, exit code 1.
+
+    A tampered or unsafe champion, a missing column or a failed run gate is an expected
+    outcome of a run, not a crash: the run is already `failed` in the ledger with this
+    message, and Prefect has logged the traceback.
+    """
+    from rich.markup import escape
+
+    from audiobooks_scoring.contract import ContractError
+    from audiobooks_scoring.model.store import ModelStoreError
+    from audiobooks_scoring.scoring.gates import RunGateError
+
+    try:
+        yield
+    except (ModelStoreError, ContractError, RunGateError) as error:
+        console.print(f"[red]scoring run failed[/red]: {escape(str(error))}")
+        raise typer.Exit(1) from None
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Nightly scoring of the audiobook customer base, published to the warehouse."""
@@ -130,9 +162,10 @@ def load_csv(
     from audiobooks_scoring.inputs.loading import load_csv as load
     from audiobooks_scoring.warehouse import init_warehouse
 
-    warehouse = init_warehouse(_settings())
+    settings = _settings()
+    warehouse = init_warehouse(settings)
     try:
-        rows = load(warehouse, path, _date(window_end) or date.today())
+        rows = load(warehouse, path, _date(window_end) or _today(settings))
     except (CsvFormatError, FileNotFoundError) as error:
         console.print(f"[red]not loaded[/red]: {error}")
         raise typer.Exit(1) from None
@@ -153,7 +186,7 @@ def demo_data(
     warehouse = init_warehouse(settings)
     with progress_bars():
         result = load_demo_data(
-            warehouse, customers, seed, _date(as_of) or date.today(), settings.chunk_size
+            warehouse, customers, seed, _date(as_of) or _today(settings), settings.chunk_size
         )
     console.print(
         f"demo data: {result.training_rows} training examples, "
@@ -320,7 +353,7 @@ def score(
     from audiobooks_scoring.flows.score_customers import score_customers
 
     _settings()
-    with progress_bars():
+    with refused_run(), progress_bars():
         outcome = score_customers(as_of=_date(as_of), run_id=run_id, publish=not backfill)
     _print_outcome(outcome)
 
@@ -350,17 +383,18 @@ def demo(
     settings = _settings()
     warehouse = init_warehouse(settings)
     console.rule(f"warehouse {settings.warehouse_url_safe}")
+    today = _today(settings)
     counts = input_row_counts(warehouse)
     if counts.training_rows == 0 or counts.activity_rows == 0:
         with progress_bars():
-            result = load_demo_data(warehouse, customers, 7, date.today(), settings.chunk_size)
+            result = load_demo_data(warehouse, customers, 7, today, settings.chunk_size)
             load_demo_earlier_window(
-                warehouse, customers, 7, earlier_run_date(date.today()), settings.chunk_size
+                warehouse, customers, 7, earlier_run_date(today), settings.chunk_size
             )
         console.print(
             f"loaded demo data: {result.training_rows} training examples, "
             f"{result.activity_rows} customers to score (and the same activity dated "
-            f"{earlier_run_date(date.today())}, for an earlier run)"
+            f"{earlier_run_date(today)}, for an earlier run)"
         )
     else:
         console.print(
@@ -371,7 +405,7 @@ def demo(
         console.rule("training the first model")
         retrain_model()
     console.rule("scoring")
-    with progress_bars():
+    with refused_run(), progress_bars():
         outcome = score_customers()
     if not isinstance(outcome, dict):
         _print_outcome(outcome)
@@ -403,7 +437,7 @@ def _demo_closing_the_loop(settings, warehouse) -> None:
     )
     from audiobooks_scoring.outcomes.loop import read_outcome_ledger
 
-    today = date.today()
+    today = _today(settings)
     earlier = earlier_run_date(today)
     console.rule("closing the loop: what an earlier list achieved")
     purchases = warehouse.tables.purchases

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
+from sqlalchemy import Table, inspect, text
+
 from audiobooks_scoring import pipeline
 from audiobooks_scoring.model.scoring_model import ScoringModel
 from audiobooks_scoring.settings import Settings
@@ -22,3 +24,30 @@ def run_scoring(
     """The run's ledger figures after `pipeline.run_scoring` (no report: the flow test has it)."""
     run = pipeline.ScoringRun(settings, warehouse, run_id, as_of, publish)
     return pipeline.run_scoring(run, model=model, write_report=False).to_dict()
+
+
+def unique_indexes(warehouse: WarehouseAdapter, table: Table) -> list[list[str]]:
+    """The column lists of the unique indexes the engine keeps on `table`.
+
+    SQLAlchemy's reflection where it works; DuckDB's own catalog (`duckdb_indexes()`) on
+    DuckDB, whose SQLAlchemy dialect (duckdb-engine 0.17) reflects no index at all.
+    """
+    if warehouse.engine.dialect.name != "duckdb":
+        indexes = inspect(warehouse.engine).get_indexes(table.name, schema=table.schema)
+        return [list(index["column_names"]) for index in indexes if index["unique"]]
+    with warehouse.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT expressions FROM duckdb_indexes() WHERE is_unique "
+                "AND table_name = :name AND schema_name = coalesce(:schema, current_schema())"
+            ),
+            {"name": table.name, "schema": table.schema},
+        ).all()
+    return [_index_columns(row[0]) for row in rows]
+
+
+def _index_columns(expressions: Any) -> list[str]:
+    """DuckDB's `expressions` of an index (a list, or its text `[a, b]`) as column names."""
+    if isinstance(expressions, str):
+        expressions = expressions.strip("[]").split(",")
+    return [str(column).strip().strip('"') for column in expressions]

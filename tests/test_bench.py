@@ -1,4 +1,4 @@
-"""The bench on a small population of a real SQLite file and a real PostgreSQL schema."""
+"""The bench on a small population of a real warehouse of every test engine."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ from audiobooks_scoring.bench import (
 )
 from audiobooks_scoring.inputs.loading import load_demo_data
 from audiobooks_scoring.warehouse import LIST_COLUMNS, init_warehouse
-from tests.conftest import make_settings
+from tests.conftest import make_settings, server_of
 
 JSON_KEYS = {"customers", "floor_s", "pipeline_s", "naive_s", "model_rows_per_s", "peak_rss_mb"}
 
 
 @pytest.fixture
 def bench_settings(request, dialect, tmp_path, trained_store_dir):
-    postgres = request.getfixturevalue("postgres_schema") if dialect == "postgres" else None
+    server = server_of(request, dialect)
     return make_settings(
-        tmp_path, dialect, postgres, model_store_dir=trained_store_dir, chunk_size=1_000
+        tmp_path, dialect, server, model_store_dir=trained_store_dir, chunk_size=1_000
     )
 
 
@@ -102,11 +102,20 @@ def test_report_ratios_and_sampling_note():
 
 
 def test_floor_writes_rows_shaped_like_the_stored_list(dialect, tmp_path, request):
-    postgres = request.getfixturevalue("postgres_schema") if dialect == "postgres" else None
-    warehouse = init_warehouse(make_settings(tmp_path, dialect, postgres))
+    server = server_of(request, dialect)
+    warehouse = init_warehouse(make_settings(tmp_path, dialect, server))
     scores = warehouse.tables.scores
     table = floor_table(warehouse)
-    stored = [c.name for c in scores.c if dialect == "sqlite" or c.name in LIST_COLUMNS]
+    # a built list holds every column of the live one, or only those that vary by customer
+    # where the adapter adds the run's constants as column defaults (PostgreSQL, MariaDB)
+    stored = [
+        c.name for c in scores.c if not warehouse.constants_as_defaults or c.name in LIST_COLUMNS
+    ]
+    with warehouse.engine.begin() as conn:
+        built = warehouse.create_list_table(conn)
+    columns_built = warehouse.read_frame(f"SELECT * FROM {warehouse.qualified_name(built)}").columns
+    warehouse.discard_list()
+    assert list(columns_built) == stored  # the list the adapter really builds
     assert [c.name for c in table.c] == stored
     for column in table.c:
         assert type(column.type) is type(scores.c[column.name].type)

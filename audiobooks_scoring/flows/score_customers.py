@@ -95,7 +95,18 @@ class PrefectSteps(pipeline.StepRunner):
         return TASKS[step](*args)
 
     def map_partitions(self, run, model, partitions) -> list[StageResult]:
-        """One `stage-population` task per partition on the Dask task runner."""
+        """One `stage-population` task per partition on the Dask task runner.
+
+        A warehouse other processes cannot open while the run holds it (a DuckDB file) has
+        its partitions scored here, one after the other, with a warning that says why.
+        """
+        if not run.warehouse.shared_by_processes:
+            get_run_logger().warning(
+                "%s: scoring the %s partitions in one process, not on Dask workers",
+                run.warehouse.single_process_reason or "the warehouse cannot be shared",
+                partitions,
+            )
+            return super().map_partitions(run, model, partitions)
         stage = TASKS[pipeline.stage_population]
         with partition_task_runner(run.settings) as runner:
             futures = [

@@ -109,8 +109,12 @@ def load_demo_purchases(
     effect: float = DEMO_CAMPAIGN_EFFECT,
     seed: int = 7,
 ) -> SimulatedPurchases:
-    """Replace the purchases table with purchases simulated for one run's customers."""
-    customers = read_run_customers(warehouse, run_id, warehouse.settings.chunk_size)
+    """Replace the purchases table with purchases simulated for one run's customers.
+
+    The customers are drawn for in id order: the engine returns them in its own (physical)
+    order, and the same seed must give the same purchases on every engine.
+    """
+    customers = by_customer_id(read_run_customers(warehouse, run_id, warehouse.settings.chunk_size))
     simulated = simulate_purchases(customers, as_of, horizon_days, effect, seed)
     purchases = warehouse.tables.purchases
     with warehouse.engine.begin() as conn:
@@ -124,6 +128,14 @@ def load_demo_purchases(
         horizon_days,
     )
     return simulated
+
+
+def by_customer_id(customers: RunCustomers) -> RunCustomers:
+    """The same customers, ordered by id."""
+    order = np.argsort(customers.customer_id, kind="stable")
+    return RunCustomers(
+        **{name: getattr(customers, name)[order] for name in RunCustomers.__dataclass_fields__}
+    )
 
 
 def earlier_run_date(today: date) -> date:

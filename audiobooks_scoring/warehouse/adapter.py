@@ -124,6 +124,10 @@ class WarehouseAdapter:
     customer_index_always: ClassVar[bool] = False
     list_writers: ClassVar[int] = 1
     write_batch_rows: ClassVar[int] = 10_000
+    shared_by_processes: ClassVar[bool] = True
+    """Whether other processes can open the warehouse while a run holds it (Dask workers)."""
+    single_process_reason: ClassVar[str] = ""
+    """Why not, when `shared_by_processes` is false (said in the run's warning)."""
 
     def __init__(self, engine: Engine, tables: WarehouseTables, settings: Settings) -> None:
         self.engine = engine

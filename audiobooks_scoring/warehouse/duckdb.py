@@ -27,6 +27,10 @@
   error rather than stop with "another run is publishing"), and a row left by a killed
   run has to be taken over by a lease, while the kernel frees a `flock` with its process.
 
+A partitioned run (`partitions` > 1) scores its partitions in the run's own process, one
+after the other (`shared_by_processes` is false): Dask worker processes could not open the
+file the run holds. The flow logs a warning saying so; the list is the same.
+
 What DuckDB's single-writer file lock means for marketers who query the file: a DuckDB
 file is open in one read-write process, or in several read-only processes, never both,
 and the operating system's lock lasts as long as any connection of that process is open.
@@ -168,6 +172,10 @@ class DuckDBAdapter(WarehouseAdapter):
     customer_index_always: ClassVar[bool] = False  # ids are checked by a query, not an index
     list_writers: ClassVar[int] = 1  # one writer per file
     write_batch_rows: ClassVar[int] = 250_000  # rows per Arrow insert of a large frame
+    shared_by_processes: ClassVar[bool] = False  # a run holds the file open for its lock
+    single_process_reason: ClassVar[str] = (
+        "DuckDB is a single-writer file, held open by the run's process"
+    )
 
     def __init__(self, engine: Engine, tables: WarehouseTables, settings: Settings) -> None:
         super().__init__(engine, tables, settings)

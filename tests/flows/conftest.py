@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import prefect.main  # noqa: F401 - Prefect's logging set up on the real stderr, not a CliRunner's
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 

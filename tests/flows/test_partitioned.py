@@ -1,31 +1,28 @@
-"""Partitioned scoring on a local Dask cluster publishes exactly the single-process list."""
+"""Partitioned scoring on a local Dask cluster publishes exactly the single-process list.
+
+On DuckDB (a single-writer file the run holds open) the partitions are scored in the
+flow's process instead, with a warning that says why; the list is the same.
+"""
 
 from __future__ import annotations
 
+import logging
 from datetime import date
 
 import pandas as pd
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 from sqlalchemy import select
 
 from audiobooks_scoring.contract import CUSTOMER_ID, FEATURES, WINDOW_END
 from audiobooks_scoring.inputs.loading import load_demo_data
 from audiobooks_scoring.settings import Settings
 from audiobooks_scoring.warehouse import init_warehouse, reasons_column
-from tests.conftest import make_settings
+from tests.conftest import make_settings, server_of
 from tests.test_pipeline import VALID_ROW
 
 AS_OF = date(2026, 11, 25)
 CUSTOMERS = 2_000
 PUBLISHED = ["probability", "rank", "decile", "is_target", "holdout", "reasons"]
-
-
-@pytest.fixture(scope="module")
-def prefect_harness():
-    """One temporary Prefect server for this module's flow runs."""
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def odd_rows() -> pd.DataFrame:
@@ -67,13 +64,13 @@ def published_list(warehouse) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_two_partitions_on_two_dask_workers_publish_the_single_process_list(
-    prefect_harness, request, dialect, tmp_path, trained_store_dir, monkeypatch
+    prefect_harness, request, dialect, tmp_path, trained_store_dir, monkeypatch, caplog
 ):
     from audiobooks_scoring.flows.score_customers import score_customers
 
-    postgres = request.getfixturevalue("postgres_schema") if dialect == "postgres" else None
+    server = server_of(request, dialect)
     settings = make_settings(
-        tmp_path, dialect, postgres, model_store_dir=trained_store_dir, chunk_size=1_000
+        tmp_path, dialect, server, model_store_dir=trained_store_dir, chunk_size=1_000
     )
     warehouse = init_warehouse(settings)
     load_demo_data(warehouse, CUSTOMERS, seed=21, as_of=AS_OF, chunk_size=1_000)
@@ -85,8 +82,19 @@ def test_two_partitions_on_two_dask_workers_publish_the_single_process_list(
     single_list = published_list(warehouse)
 
     use_settings(monkeypatch, settings, partitions=2, dask_workers=2)
-    parted = score_customers(as_of=AS_OF, run_id="parted")
+    with caplog.at_level(logging.WARNING):
+        parted = score_customers(as_of=AS_OF, run_id="parted")
     parted_list = published_list(warehouse)
+    in_one_process = [
+        record.getMessage()
+        for record in caplog.records
+        if "scoring the 2 partitions in one process" in record.getMessage()
+    ]
+    if dialect == "duckdb":  # no other process can open the file the run holds
+        assert len(in_one_process) == 1
+        assert in_one_process[0].startswith("DuckDB is a single-writer file")
+    else:  # the partitions went to the Dask workers
+        assert in_one_process == []
 
     population = CUSTOMERS + round(CUSTOMERS * 0.1) + len(odd_rows())
     for figures in (single, parted):

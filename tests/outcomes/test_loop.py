@@ -1,4 +1,4 @@
-"""The outcome loop on a real SQLite file and a real PostgreSQL: a scored run, its purchases
+"""The outcome loop on a real warehouse of every test engine: a scored run, its purchases
 (some of them bad), the measurement against scikit-learn and a pandas hand computation, the
 outcome tables, their view and example queries, idempotence and maturity."""
 

@@ -11,7 +11,6 @@ outcome; the exit code is 0 (succeeded), 3 (another run is publishing) or 1 (fai
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import pickle
@@ -27,7 +26,8 @@ import pandas as pd
 from sqlalchemy import Engine, func, inspect, select, text
 
 from audiobooks_scoring.settings import Settings
-from audiobooks_scoring.warehouse import WarehouseAdapter
+from audiobooks_scoring.warehouse import AnotherRunPublishing, WarehouseAdapter
+from audiobooks_scoring.warehouse.mysql import MySQLAdapter
 from audiobooks_scoring.warehouse.postgres import lock_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -123,18 +123,17 @@ def advisory_locks(engine: Engine, warehouse: WarehouseAdapter) -> list[tuple[in
     return [(int(pid), bool(granted)) for pid, granted in rows]
 
 
-def lock_file_is_free(warehouse: WarehouseAdapter) -> bool:
-    """Whether the SQLite run lock file can be taken right now."""
-    path = warehouse.lock_path()
-    if not path.exists():
-        return True
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return True
+def run_lock_is_free(warehouse: WarehouseAdapter) -> bool:
+    """Whether the run lock can be taken right now: taken through the adapter and freed.
+
+    Whatever the lock is (a lock file, an advisory or named lock, a lock-table row), a lock
+    that is free can be taken; `AnotherRunPublishing` means that something holds it.
+    """
+    try:
+        with warehouse.run_lock():
+            return True
+    except AnotherRunPublishing:
+        return False
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -147,13 +146,18 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 
 
 def assert_no_held_lock(warehouse: WarehouseAdapter, timeout: float = 10.0) -> None:
-    """No session holds or waits for the run lock (a dead client's backend may take a moment)."""
+    """No session holds the run lock (a dead client's session may take a moment to end).
+
+    On PostgreSQL no session holds or waits for the advisory lock (pg_locks); on MySQL and
+    MariaDB `IS_USED_LOCK` names no session; on every engine the run lock can be taken.
+    """
     if warehouse.name == "postgresql":
         wait_until(
             lambda: not advisory_locks(warehouse.engine, warehouse), timeout, "no advisory lock"
         )
-    else:
-        wait_until(lambda: lock_file_is_free(warehouse), timeout, "a free lock file")
+    if isinstance(warehouse, MySQLAdapter):
+        wait_until(lambda: warehouse.run_lock_holder() is None, timeout, "a free GET_LOCK lock")
+    wait_until(lambda: run_lock_is_free(warehouse), timeout, "a free run lock")
 
 
 def assert_settled(warehouse: WarehouseAdapter, staged_runs: set[str]) -> None:

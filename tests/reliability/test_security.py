@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import Engine, create_engine, event, make_url, select, text
 from typer.testing import CliRunner
 
 from audiobooks_scoring.cli import app
@@ -28,7 +28,7 @@ from audiobooks_scoring.reporting.reports import build_scoring_report
 from audiobooks_scoring.scoring.gates import RunGateError
 from audiobooks_scoring.settings import TABLE_SETTINGS, Settings, load_settings
 from audiobooks_scoring.warehouse import PostgresAdapter, init_warehouse, open_warehouse
-from tests.conftest import make_settings
+from tests.conftest import make_settings, server_of
 from tests.helpers import run_scoring
 from tests.model.test_store import edit_keras_config, rehash_file, rewrite_manifest
 from tests.reliability.helpers import (
@@ -135,20 +135,36 @@ def test_reserved_words_as_table_names_are_quoted_everywhere(settings, dialect, 
 # ----------------------------------------------------------------------------- secrets
 
 
-@pytest.fixture
-def secret_role(postgres_schema):
-    """A PostgreSQL login role with a known password that may create the test schema."""
-    url, _ = postgres_schema
-    role = f"audiobooks_secret_{uuid.uuid4().hex[:8]}"
+@pytest.fixture(params=["postgres", "mariadb"])
+def secret_login(request):
+    """A login with a known password on a test server, allowed a fresh schema (database).
+
+    Yields (url with the password, schema, login name, password, SQL naming the login).
+    """
+    name = f"audiobooks_secret_{uuid.uuid4().hex[:8]}"
     password = f"s3cr3t-XYZ-{uuid.uuid4().hex[:8]}"
-    admin = create_engine(url)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
-        conn.execute(text(f"GRANT CREATE ON DATABASE {admin.url.database} TO {role}"))
-    yield role, password
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP OWNED BY {role} CASCADE"))
-        conn.execute(text(f"DROP ROLE {role}"))
+    if request.param == "postgres":
+        url, schema = request.getfixturevalue("postgres_schema")
+        admin = create_engine(url)
+        with admin.begin() as conn:
+            conn.execute(text(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+            conn.execute(text(f"GRANT CREATE ON DATABASE {admin.url.database} TO {name}"))
+        login = make_url(url).set(username=name, password=password)
+        yield login, schema, name, password, "SELECT current_user"
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP OWNED BY {name} CASCADE"))
+            conn.execute(text(f"DROP ROLE {name}"))
+    else:
+        url, schema = request.getfixturevalue("mariadb_database")  # dropped afterwards
+        admin = create_engine(url)
+        with admin.begin() as conn:
+            conn.execute(text(f"CREATE DATABASE {schema}"))  # the login may not create others
+            conn.execute(text(f"CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'"))
+            conn.execute(text(f"GRANT ALL PRIVILEGES ON {schema}.* TO '{name}'@'%'"))
+        login = make_url(url).set(username=name, password=password, database=schema)
+        yield login, schema, name, password, "SELECT SUBSTRING_INDEX(CURRENT_USER(), '@', 1)"
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP USER '{name}'@'%'"))
     admin.dispose()
 
 
@@ -158,11 +174,10 @@ def error_texts(error: BaseException) -> list[str]:
 
 
 def test_a_known_password_never_appears_in_logs_errors_reprs_reports_or_the_ledger(
-    tmp_path, postgres_schema, secret_role, trained_store_dir, caplog, monkeypatch
+    tmp_path, secret_login, trained_store_dir, caplog, monkeypatch
 ):
-    _, schema = postgres_schema
-    role, password = secret_role
-    url = f"postgresql+psycopg://{role}:{password}@127.0.0.1:5432/test"
+    login, schema, role, password, current_user = secret_login
+    url = login.render_as_string(hide_password=False)
     caplog.set_level(logging.DEBUG)
     seen: list[str] = []
     settings = Settings(
@@ -176,7 +191,7 @@ def test_a_known_password_never_appears_in_logs_errors_reprs_reports_or_the_ledg
 
     warehouse = init_warehouse(settings)
     with warehouse.engine.connect() as conn:
-        assert conn.execute(text("SELECT current_user")).scalar_one() == role
+        assert conn.execute(text(current_user)).scalar_one() == role
     fill_activity(warehouse, customers=500)
     store = ModelStore(trained_store_dir)
     model = load_scoring_model(store, store.champion())
@@ -200,12 +215,14 @@ def test_a_known_password_never_appears_in_logs_errors_reprs_reports_or_the_ledg
     seen += [settings.warehouse_url_safe, repr(warehouse.engine.pool)]
     seen.append(warehouse.read_frame(select(warehouse.tables.runs)).to_csv())
 
-    for broken in (
-        url.replace(":5432/", ":1/"),  # nothing listens there
-        url.replace(f"{role}:", "no_such_role:"),  # refused at authentication
-        url.replace("/test", "/no_such_database"),
-        url.replace("127.0.0.1", "host.invalid"),
+    for broken_url in (
+        login.set(port=1),  # nothing listens there
+        login.set(username="no_such_role"),  # refused at authentication
+        login.set(database="no_such_database"),
+        login.set(host="host.invalid"),
     ):
+        broken = broken_url.render_as_string(hide_password=False)
+        assert password in broken
         broken_settings = settings.model_copy(
             update={"warehouse_url": type(settings.warehouse_url)(broken)}
         )
@@ -305,12 +322,12 @@ TAMPERING = {
 
 @pytest.mark.parametrize("tampering", list(TAMPERING))
 def test_scoring_refuses_a_tampered_champion_and_publishes_nothing(
-    tmp_path, postgres_schema, trained_store_dir, tampering
+    tmp_path, request, dialect, trained_store_dir, tampering
 ):
     store_dir = tmp_path / "models"
     shutil.copytree(trained_store_dir, store_dir)
     settings = make_settings(
-        tmp_path, "postgres", postgres_schema, model_store_dir=store_dir, chunk_size=1_000
+        tmp_path, dialect, server_of(request, dialect), model_store_dir=store_dir, chunk_size=1_000
     )
     warehouse = init_warehouse(settings)
     fill_activity(warehouse, customers=500)

@@ -1,7 +1,7 @@
 """The DuckDB adapter on a real DuckDB file: Arrow reads and writes, the swap, the file locks.
 
 These tests always run on DuckDB (whatever AUDIOBOOKS_TEST_ENGINES says); the shared
-engine-parametrized tests run on DuckDB too with AUDIOBOOKS_TEST_ENGINES=duckdb.
+engine-parametrized tests run on DuckDB too (one of the default AUDIOBOOKS_TEST_ENGINES).
 """
 
 from __future__ import annotations

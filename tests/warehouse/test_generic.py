@@ -16,7 +16,7 @@ from audiobooks_scoring.warehouse import (
 )
 from audiobooks_scoring.warehouse.lock_table import lock_table
 from tests.helpers import run_scoring
-from tests.test_pipeline import AS_OF, bad_rows, fill_activity, scores_dump
+from tests.test_pipeline import AS_OF, bad_reason_codes, bad_rows, fill_activity, scores_dump
 
 
 @pytest.fixture
@@ -29,12 +29,14 @@ def generic(settings):
     warehouse.dispose()
 
 
-def test_a_whole_run_publishes_through_portable_core(generic):
+def test_a_whole_run_publishes_through_portable_core(generic, dialect):
     settings, warehouse = generic
-    rows_in = fill_activity(warehouse, customers=1_500, bad_rows=bad_rows())
+    rows_in = fill_activity(warehouse, customers=1_500, bad_rows=bad_rows(dialect))
     figures = run_scoring(settings, warehouse, "generic-a", AS_OF)
     assert figures["rows_in"] == rows_in == figures["rows_scored"] + figures["rows_rejected"]
-    assert figures["rows_rejected"] == 10
+    assert figures["rows_rejected"] == len(bad_reason_codes(dialect))
+    rejected = warehouse.read_frame(select(warehouse.tables.rejected))
+    assert sorted(rejected["reason_code"]) == bad_reason_codes(dialect)
     scores = scores_dump(warehouse)
     assert len(scores) == figures["rows_scored"]
     assert list(scores["rank"]) == list(range(1, len(scores) + 1))

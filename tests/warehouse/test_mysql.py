@@ -215,7 +215,9 @@ def test_streaming_memory_is_bounded_by_the_chunk_and_early_close_frees_the_conn
         )
     large_peak, large_sizes = stream_peak(mysql, 2_000)
     assert small_sizes == [2_000] * 5 and large_sizes == [2_000] * 40
-    assert large_peak < 1.5 * small_peak, (small_peak, large_peak)  # the chunk, not the table
+    # 8x the rows; a reader holding the table would peak about 8x higher. Socket reads vary
+    # in size with the server's pace, so the bound leaves room for that, not for the table.
+    assert large_peak < 2.5 * small_peak, (small_peak, large_peak)
 
     sql = mysql.source_sql("customer_activity")
     chunks = mysql.stream_query(sql, {"as_of": AS_OF}, 2_000)

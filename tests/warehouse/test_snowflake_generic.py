@@ -97,7 +97,7 @@ def snowflake_generic(tmp_path, trained_store_dir, monkeypatch):
 @pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning")
 def test_a_whole_run_publishes_through_portable_core_on_snowflake(snowflake_generic):
     settings, warehouse = snowflake_generic
-    rows_in = fill_activity(warehouse, customers=1_500, bad_rows=bad_rows())
+    rows_in = fill_activity(warehouse, customers=1_500, bad_rows=bad_rows("snowflake"))
     figures = run_scoring(settings, warehouse, "snowflake-a", AS_OF)
     assert figures["rows_in"] == rows_in == figures["rows_scored"] + figures["rows_rejected"]
     assert figures["rows_rejected"] == 10

@@ -1,4 +1,4 @@
-"""Warehouse layer on a real SQLite file and a real PostgreSQL: DDL, streaming, bulk writes."""
+"""Warehouse layer on a real warehouse of every test engine: DDL, streaming, bulk writes."""
 
 from __future__ import annotations
 
