@@ -9,17 +9,17 @@ unique customer index (it is the duplicate check of the warehouse-ranked path).
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar
 
 import pandas as pd
 from sqlalchemy import Engine, Table, event
 from sqlalchemy.engine import Connection
 
 from audiobooks_scoring.warehouse.adapter import RunLockHandle, WarehouseAdapter, _create_engine
-from audiobooks_scoring.warehouse.columns import executemany_rows
+from audiobooks_scoring.warehouse.columns import executemany_column_rows, executemany_rows
 from audiobooks_scoring.warehouse.errors import AnotherRunPublishing
 
 BUSY_TIMEOUT_MS = 30_000
@@ -89,13 +89,27 @@ class SQLiteAdapter(WarehouseAdapter):
         """executemany of plain rows (values already through their bind processors)."""
         if frame.empty:
             return 0
-        names = list(frame.columns)
-        insert_sql = (
-            f"INSERT INTO {self.qualified_name(table)} "
-            f"({', '.join(self.quote(name) for name in names)}) "
-            f"VALUES ({', '.join('?' for _ in names)})"
-        )
+        insert_sql = self._insert_sql(table, list(frame.columns))
         for start in range(0, len(frame), self.write_batch_rows):
             piece = frame.iloc[start : start + self.write_batch_rows]
             conn.exec_driver_sql(insert_sql, executemany_rows(self.dialect, table, piece))
         return len(frame)
+
+    def write_columns(
+        self, conn: Connection, table: Table, columns: Mapping[str, Any], rows: int
+    ) -> int:
+        """executemany of a column batch; coded values and constants converted once each."""
+        if rows == 0:
+            return 0
+        insert_sql = self._insert_sql(table, list(columns))
+        conn.exec_driver_sql(
+            insert_sql, executemany_column_rows(self.dialect, table, columns, rows)
+        )
+        return rows
+
+    def _insert_sql(self, table: Table, names: list[str]) -> str:
+        return (
+            f"INSERT INTO {self.qualified_name(table)} "
+            f"({', '.join(self.quote(name) for name in names)}) "
+            f"VALUES ({', '.join('?' for _ in names)})"
+        )
