@@ -52,17 +52,6 @@ def _date(value: str | None) -> date | None:
         raise typer.BadParameter(f"{value!r} is not a date in YYYY-MM-DD form") from None
 
 
-def _today(settings) -> date:
-    """Today in `AUDIOBOOKS_TIMEZONE`: the date `score` and `train` run as of by default.
-
-    Inputs the CLI dates "today" get this date too, else on a machine whose clock is ahead
-    of that zone they would be dated tomorrow and a run as of today would not see them.
-    """
-    from audiobooks_scoring.flows.common import local_today
-
-    return local_today(settings)
-
-
 def _settings():
     from pydantic import ValidationError
 
@@ -160,12 +149,13 @@ def load_csv(
     """Load a CSV in the public Audiobooks format (with or without header) as training examples."""
     from audiobooks_scoring.inputs.csv_file import CsvFormatError
     from audiobooks_scoring.inputs.loading import load_csv as load
+    from audiobooks_scoring.settings import local_today
     from audiobooks_scoring.warehouse import init_warehouse
 
     settings = _settings()
     warehouse = init_warehouse(settings)
     try:
-        rows = load(warehouse, path, _date(window_end) or _today(settings))
+        rows = load(warehouse, path, _date(window_end) or local_today(settings))
     except (CsvFormatError, FileNotFoundError) as error:
         console.print(f"[red]not loaded[/red]: {error}")
         raise typer.Exit(1) from None
@@ -180,13 +170,14 @@ def demo_data(
 ) -> None:
     """Fill both input tables with synthetic customers that look like the real data set."""
     from audiobooks_scoring.inputs.loading import load_demo_data
+    from audiobooks_scoring.settings import local_today
     from audiobooks_scoring.warehouse import init_warehouse
 
     settings = _settings()
     warehouse = init_warehouse(settings)
     with progress_bars():
         result = load_demo_data(
-            warehouse, customers, seed, _date(as_of) or _today(settings), settings.chunk_size
+            warehouse, customers, seed, _date(as_of) or local_today(settings), settings.chunk_size
         )
     console.print(
         f"demo data: {result.training_rows} training examples, "
@@ -378,12 +369,13 @@ def demo(
     from audiobooks_scoring.inputs.demo_outcomes import earlier_run_date, load_demo_earlier_window
     from audiobooks_scoring.inputs.loading import input_row_counts, load_demo_data
     from audiobooks_scoring.model.store import ModelStore
+    from audiobooks_scoring.settings import local_today
     from audiobooks_scoring.warehouse import init_warehouse
 
     settings = _settings()
     warehouse = init_warehouse(settings)
     console.rule(f"warehouse {settings.warehouse_url_safe}")
-    today = _today(settings)
+    today = local_today(settings)
     counts = input_row_counts(warehouse)
     if counts.training_rows == 0 or counts.activity_rows == 0:
         with progress_bars():
@@ -436,8 +428,9 @@ def _demo_closing_the_loop(settings, warehouse) -> None:
         load_demo_purchases,
     )
     from audiobooks_scoring.outcomes.loop import read_outcome_ledger
+    from audiobooks_scoring.settings import local_today
 
-    today = _today(settings)
+    today = local_today(settings)
     earlier = earlier_run_date(today)
     console.rule("closing the loop: what an earlier list achieved")
     purchases = warehouse.tables.purchases

@@ -7,8 +7,10 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from datetime import date, datetime
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -200,3 +202,12 @@ def load_settings(**overrides) -> Settings:
     for problem in unknown_environment_settings():
         logger.warning(problem)
     return Settings(**overrides)
+
+
+def local_today(settings: Settings) -> date:
+    """Today's date in `AUDIOBOOKS_TIMEZONE`: runs, and inputs the CLI dates "today", use it.
+
+    Dating inputs by the machine's clock instead would, on a clock ahead of that zone, date
+    them tomorrow, and a run as of today would not see them.
+    """
+    return datetime.now(ZoneInfo(settings.timezone)).date()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from collections.abc import Mapping
 from datetime import date
 from typing import Any
 
@@ -51,3 +53,22 @@ def _index_columns(expressions: Any) -> list[str]:
     if isinstance(expressions, str):
         expressions = expressions.strip("[]").split(",")
     return [str(column).strip().strip('"') for column in expressions]
+
+
+def stream_peak(
+    warehouse: WarehouseAdapter,
+    as_of: date,
+    chunk_size: int,
+    column_types: Mapping[str, Any] | None = None,
+) -> tuple[int, list[int]]:
+    """Peak traced memory while streaming the population as of `as_of`, and the chunk sizes."""
+    sql = warehouse.source_sql("customer_activity")
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    sizes = []
+    for chunk in warehouse.stream_query(sql, {"as_of": as_of}, chunk_size, column_types):
+        sizes.append(len(chunk))
+        del chunk
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak, sizes

@@ -7,12 +7,7 @@ from zoneinfo import ZoneInfo
 
 from prefect.runtime import flow_run
 
-from audiobooks_scoring.settings import Settings, load_settings
-
-
-def local_today(settings: Settings) -> date:
-    """Today's date in the configured time zone."""
-    return datetime.now(ZoneInfo(settings.timezone)).date()
+from audiobooks_scoring.settings import Settings, load_settings, local_today
 
 
 def scheduled_date(settings: Settings) -> date:

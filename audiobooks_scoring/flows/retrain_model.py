@@ -9,11 +9,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from audiobooks_scoring.flows.common import local_today, retrain_run_name
+from audiobooks_scoring.flows.common import retrain_run_name
 from audiobooks_scoring.model import lifecycle
 from audiobooks_scoring.model.store import ModelStore
 from audiobooks_scoring.reporting import reports
-from audiobooks_scoring.settings import Settings, load_settings
+from audiobooks_scoring.settings import Settings, load_settings, local_today
 from audiobooks_scoring.warehouse import WarehouseAdapter, init_warehouse
 
 TASK_OPTIONS: dict[str, Any] = {"persist_result": False, "cache_policy": NO_CACHE}

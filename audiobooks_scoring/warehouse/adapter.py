@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,7 +45,12 @@ from audiobooks_scoring.warehouse.columns import (
     decoded_frame,
     executemany_rows,
 )
-from audiobooks_scoring.warehouse.errors import DuplicateCustomers, WarehouseError
+from audiobooks_scoring.warehouse.errors import (
+    AnotherRunPublishing,
+    DuplicateCustomers,
+    RunLockLost,
+    WarehouseError,
+)
 from audiobooks_scoring.warehouse.tables import (
     LIST_COLUMNS,
     TableLayout,
@@ -74,30 +79,71 @@ class RunLockHandle:
         """Free the lock."""
 
 
+# The session id holding each run lock of this process, by (masked URL, lock key or name).
+_HELD_SESSION_LOCKS: dict[tuple[str, Any], int] = {}
+
+
 class SessionLock(RunLockHandle):
     """A run lock held by a database session kept open for the run (advisory or named lock).
 
-    `held` maps `key` to the session's id while the lock is held, so publication can check,
-    inside its own transaction, that the session still holds it.
+    While it is held, the session's id is registered under `key`, so publication can check,
+    inside its own transaction, that the session still holds the lock.
     """
 
     def __init__(
-        self,
-        connection: Connection,
-        unlock: str,
-        params: Mapping[str, Any],
-        held: dict[Any, int],
-        key: Any,
+        self, connection: Connection, unlock: str, params: Mapping[str, Any], key: Any
     ) -> None:
         self.connection: Connection | None = connection
         self.unlock = unlock
         self.params = dict(params)
-        self.held = held
         self.key = key
+
+    @classmethod
+    @contextmanager
+    def hold(
+        cls,
+        engine: Engine,
+        key: tuple[str, Any],
+        statements: tuple[str, str, str],
+        params: Mapping[str, Any],
+        describe_holder: Callable[[Connection], str],
+    ) -> Iterator[SessionLock]:
+        """Take the lock on a new session kept open while it is held.
+
+        `statements` are (try to lock: true when taken, this session's id, unlock). A lock
+        another session holds raises `AnotherRunPublishing`, naming the holder.
+        """
+        try_lock, session_id, unlock = statements
+        connection = engine.connect()
+        try:
+            if not connection.execute(text(try_lock), dict(params)).scalar():
+                holder = describe_holder(connection)
+                raise AnotherRunPublishing(f"another run is publishing ({holder})")
+            session = int(connection.execute(text(session_id)).scalar_one())
+            connection.commit()
+        except BaseException:
+            connection.close()
+            raise
+        _HELD_SESSION_LOCKS[key] = session
+        lock = cls(connection, unlock, params, key)
+        try:
+            yield lock
+        finally:
+            lock.release()
+
+    @staticmethod
+    def session_holding(key: tuple[str, Any]) -> int:
+        """The id of this process's session holding the lock `key` (`RunLockLost` if none)."""
+        session = _HELD_SESSION_LOCKS.get(key)
+        if session is None:
+            raise RunLockLost(
+                "publishing needs the run lock: build and publish the list under the run lock"
+            )
+        return session
 
     def release(self) -> None:
         """Unlock, then close the session (closing it frees the lock anyway)."""
-        self.held.pop(self.key, None)
+        _HELD_SESSION_LOCKS.pop(self.key, None)
         if self.connection is None:
             return
         try:

@@ -51,7 +51,7 @@ import queue
 import tempfile
 import threading
 from collections.abc import Generator, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
@@ -94,7 +94,6 @@ from audiobooks_scoring.warehouse.adapter import (
 )
 from audiobooks_scoring.warehouse.columns import CodedColumn, ColumnWriter
 from audiobooks_scoring.warehouse.errors import (
-    AnotherRunPublishing,
     DuplicateCustomers,
     PublicationError,
     RunLockLost,
@@ -123,9 +122,6 @@ _NULL_FIELD = 0xFB
 _LONG_FIELD = 0xFC  # a field of 251 bytes or more: never a number or a date
 _MAX_PACKET = 0xFFFFFF
 _NEWLINE, _TAB = 10, 9
-
-# The connection id holding each run lock of this process, by (masked URL, lock name).
-_HELD_LOCKS: dict[tuple[str, str], int] = {}
 
 
 def lock_name(database: str, scores_table: str) -> str:
@@ -546,38 +542,20 @@ class MySQLAdapter(WarehouseAdapter):
         where = f" by {row.user}@{row.host}, connected {row.time} s" if row is not None else ""
         return f"GET_LOCK {self._lock_name()!r} held by connection id {holder}{where}"
 
-    @contextmanager
-    def run_lock(self) -> Iterator[RunLockHandle]:
+    def run_lock(self) -> AbstractContextManager[RunLockHandle]:
         """`GET_LOCK(name, 0)` on a connection kept open for the run."""
         name = self._lock_name()
-        connection = self.engine.connect()
-        try:
-            got = connection.execute(text("SELECT GET_LOCK(:name, 0)"), {"name": name}).scalar()
-            if got != 1:
-                holder = self._describe_holder(connection)
-                raise AnotherRunPublishing(f"another run is publishing ({holder})")
-            connection_id = int(connection.execute(text("SELECT CONNECTION_ID()")).scalar_one())
-            connection.commit()
-        except BaseException:
-            connection.close()
-            raise
-        registered = (self._engine_key(), name)
-        _HELD_LOCKS[registered] = connection_id
-        lock = SessionLock(
-            connection, "SELECT RELEASE_LOCK(:name)", {"name": name}, _HELD_LOCKS, registered
+        return SessionLock.hold(
+            self.engine,
+            (self._engine_key(), name),
+            ("SELECT GET_LOCK(:name, 0)", "SELECT CONNECTION_ID()", "SELECT RELEASE_LOCK(:name)"),
+            {"name": name},
+            self._describe_holder,
         )
-        try:
-            yield lock
-        finally:
-            lock.release()
 
     def check_run_lock(self, conn: Connection) -> None:
         """Raise `RunLockLost` unless this process's lock session still holds the lock."""
-        held = _HELD_LOCKS.get((self._engine_key(), self._lock_name()))
-        if held is None:
-            raise RunLockLost(
-                "publishing needs the run lock: build and publish the list under the run lock"
-            )
+        held = SessionLock.session_holding((self._engine_key(), self._lock_name()))
         holder = self.run_lock_holder(conn)
         if holder != held:
             raise RunLockLost(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Generator, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, ClassVar, cast
 
 import numpy as np
@@ -39,7 +39,6 @@ from audiobooks_scoring.warehouse.adapter import (
 )
 from audiobooks_scoring.warehouse.columns import CodedColumn, ColumnWriter
 from audiobooks_scoring.warehouse.errors import (
-    AnotherRunPublishing,
     PublicationError,
     RunLockLost,
     WarehouseError,
@@ -78,9 +77,6 @@ _GRANTS_SQL = text(
     "LEFT JOIN pg_roles AS r ON r.oid = a.grantee "
     "WHERE c.oid = to_regclass(:relation) AND a.grantee <> c.relowner"
 )
-
-# The backend pid holding each run lock of this process, by (masked URL, lock key).
-_HELD_LOCKS: dict[tuple[str, int], int] = {}
 
 
 def _driver_connection(conn: Connection) -> Any:
@@ -329,38 +325,24 @@ class PostgresAdapter(WarehouseAdapter):
             f" from {row.client_addr or 'local socket'}, connected {row.backend_start})"
         )
 
-    @contextmanager
-    def run_lock(self) -> Iterator[RunLockHandle]:
+    def run_lock(self) -> AbstractContextManager[RunLockHandle]:
         """A session advisory lock, held by a connection kept open for the run."""
-        connection = self.engine.connect()
         key = lock_key(self.tables)
-        got = connection.execute(
-            text("SELECT pg_try_advisory_lock(:key)"), {"key": key}
-        ).scalar_one()
-        if not got:
-            holder = self._describe_holder(connection)
-            connection.rollback()
-            connection.close()
-            raise AnotherRunPublishing(f"another run is publishing ({holder})")
-        pid = int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
-        connection.commit()
-        registered = (self._engine_key(), key)
-        _HELD_LOCKS[registered] = pid
-        lock = SessionLock(
-            connection, "SELECT pg_advisory_unlock(:key)", {"key": key}, _HELD_LOCKS, registered
+        return SessionLock.hold(
+            self.engine,
+            (self._engine_key(), key),
+            (
+                "SELECT pg_try_advisory_lock(:key)",
+                "SELECT pg_backend_pid()",
+                "SELECT pg_advisory_unlock(:key)",
+            ),
+            {"key": key},
+            self._describe_holder,
         )
-        try:
-            yield lock
-        finally:
-            lock.release()
 
     def check_run_lock(self, conn: Connection) -> None:
         """Raise `RunLockLost` unless this process's lock session still holds the lock."""
-        pid = _HELD_LOCKS.get((self._engine_key(), lock_key(self.tables)))
-        if pid is None:
-            raise RunLockLost(
-                "publishing needs the run lock: build and publish the list under the run lock"
-            )
+        pid = SessionLock.session_holding((self._engine_key(), lock_key(self.tables)))
         if pid not in self.run_lock_holders(conn):
             raise RunLockLost(
                 f"the run lock was lost (its database session, backend pid {pid}, ended or was "

@@ -19,14 +19,13 @@ from typer.testing import CliRunner
 
 from audiobooks_scoring.cli import app
 from audiobooks_scoring.contract import CUSTOMER_ID
-from audiobooks_scoring.flows.common import local_today
 from audiobooks_scoring.inputs.demo_data import iter_demo_activity
 from audiobooks_scoring.outcomes.loop import (
     SUMMARY_KEYS,
     read_outcome_ledger,
     read_run_customers,
 )
-from audiobooks_scoring.settings import Settings
+from audiobooks_scoring.settings import Settings, local_today
 from audiobooks_scoring.warehouse import init_warehouse
 from tests.helpers import run_scoring
 

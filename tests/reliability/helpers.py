@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from audiobooks_scoring.pipeline import ScoringRun, run_scoring
     from audiobooks_scoring.settings import load_settings
-    from audiobooks_scoring.warehouse import AnotherRunPublishing, open_warehouse
+    from audiobooks_scoring.warehouse import open_warehouse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--run-id", required=True)

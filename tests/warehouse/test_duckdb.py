@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import tracemalloc
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -48,7 +47,8 @@ from audiobooks_scoring.warehouse import (
 )
 from audiobooks_scoring.warehouse.duckdb import DuckDBAdapter, is_file_lock_error
 from tests.conftest import make_settings
-from tests.helpers import run_scoring
+from tests.helpers import run_scoring, stream_peak
+from tests.test_pipeline import VALID_ROW
 
 AS_OF = date(2026, 11, 25)
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,27 +187,14 @@ def test_arrow_reads_stream_exact_chunks_pulled_as_they_are_consumed(duck, monke
     assert ids.dtype == np.int64 and np.array_equal(np.sort(ids), np.arange(1, rows + 1))
 
 
-def stream_peak(warehouse, as_of: date, chunk_size: int) -> tuple[int, int]:
-    sql = warehouse.source_sql("customer_activity")
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    total = 0
-    for chunk in warehouse.stream_query(sql, {"as_of": as_of}, chunk_size):
-        total += len(chunk)
-        del chunk
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak, total
-
-
 def test_read_memory_is_bounded_by_the_chunk_not_the_population(duck):
     small, large, chunk_size = 30_000, 300_000, 10_000
     with duck.engine.begin() as conn:
         duck.write_frame(conn, duck.tables.activity, activity_frame(small, date(2026, 10, 1)))
         duck.write_frame(conn, duck.tables.activity, activity_frame(large, date(2026, 11, 1)))
-    small_peak, small_rows = stream_peak(duck, date(2026, 10, 15), chunk_size)
-    large_peak, large_rows = stream_peak(duck, AS_OF, chunk_size)
-    assert (small_rows, large_rows) == (small, large)
+    small_peak, small_sizes = stream_peak(duck, date(2026, 10, 15), chunk_size)
+    large_peak, large_sizes = stream_peak(duck, AS_OF, chunk_size)
+    assert (sum(small_sizes), sum(large_sizes)) == (small, large)
     assert large_peak < 1.5 * small_peak, (small_peak, large_peak)
     assert large_peak < large * len(FEATURES) * 8 / 5  # far below the population's size
 
@@ -521,20 +508,7 @@ def test_customer_index_is_made_on_the_live_list_after_the_rename(scoring_settin
     settings = scoring_settings.model_copy(update={"customer_index": True})
     warehouse = init_warehouse(settings)
     fill_demo(warehouse, 600, date(2026, 11, 1))
-    valid = {
-        CUSTOMER_ID: 900_100,
-        WINDOW_END: date(2026, 11, 1),
-        "book_length_avg_min": 1620.0,
-        "book_length_total_min": 1620.0,
-        "price_avg": 10.0,
-        "price_total": 10.0,
-        "review": 0.0,
-        "review_score": 8.91,
-        "completion": 0.5,
-        "minutes_listened": 810.0,
-        "support_requests": 0.0,
-        "last_visit_days_after_purchase": 3.0,
-    }
+    valid = {**VALID_ROW, CUSTOMER_ID: 900_100}
     twice = pd.DataFrame([valid, {**valid, "price_avg": 5.0}])
     with warehouse.engine.begin() as conn:  # one id twice: ranked again in the warehouse
         warehouse.write_frame(conn, warehouse.tables.activity, twice)

@@ -6,7 +6,6 @@ Each test gets its own database (`mariadb_database`); in CI an unreachable serve
 from __future__ import annotations
 
 import threading
-import tracemalloc
 import uuid
 from datetime import UTC, date, datetime
 
@@ -31,7 +30,7 @@ from audiobooks_scoring.warehouse import (
 )
 from audiobooks_scoring.warehouse.mysql import MySQLAdapter
 from tests.conftest import make_settings
-from tests.helpers import run_scoring
+from tests.helpers import run_scoring, stream_peak
 from tests.reliability.helpers import (
     AS_OF,
     fill_activity,
@@ -192,28 +191,16 @@ def test_the_server_cannot_read_client_files_outside_the_adapters_loads(mysql):
     assert mysql.count_rows(runs) == 0  # the file was never sent
 
 
-def stream_peak(warehouse, chunk_size: int) -> tuple[int, list[int]]:
-    sql = warehouse.source_sql("customer_activity")
-    tracemalloc.start()
-    sizes = []
-    for chunk in warehouse.stream_query(sql, {"as_of": AS_OF}, chunk_size):
-        sizes.append(len(chunk))
-        del chunk
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak, sizes
-
-
 def test_streaming_memory_is_bounded_by_the_chunk_and_early_close_frees_the_connection(mysql):
     with mysql.engine.begin() as conn:
         mysql.write_frame(conn, mysql.tables.activity, activity_rows(10_000))
-    small_peak, small_sizes = stream_peak(mysql, 2_000)
+    small_peak, small_sizes = stream_peak(mysql, AS_OF, 2_000)
     with mysql.engine.begin() as conn:
         more = activity_rows(70_000, seed=1)
         mysql.write_frame(
             conn, mysql.tables.activity, more.assign(customer_id=more.customer_id + 10_000)
         )
-    large_peak, large_sizes = stream_peak(mysql, 2_000)
+    large_peak, large_sizes = stream_peak(mysql, AS_OF, 2_000)
     assert small_sizes == [2_000] * 5 and large_sizes == [2_000] * 40
     # 8x the rows; a reader holding the table would peak about 8x higher. Socket reads vary
     # in size with the server's pace, so the bound leaves room for that, not for the table.

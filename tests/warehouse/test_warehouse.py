@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tracemalloc
 from datetime import date, timedelta
 
 import numpy as np
@@ -22,6 +21,7 @@ from audiobooks_scoring.warehouse import (
 )
 from audiobooks_scoring.warehouse.pgcopy import leading_ids
 from tests.conftest import REAL_CSV, make_settings
+from tests.helpers import stream_peak
 
 
 def activity_frame(count: int, seed: int = 0) -> pd.DataFrame:
@@ -57,18 +57,7 @@ def test_bulk_write_round_trip_is_exact(warehouse):
     pd.testing.assert_frame_equal(back, frame, check_exact=True, check_dtype=False)
 
 
-def stream_peak(warehouse, as_of: date, chunk_size: int) -> tuple[int, list[int]]:
-    sql = warehouse.source_sql("customer_activity")
-    types = {name: pa.float64() for name in FEATURES}
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    sizes = []
-    for chunk in warehouse.stream_query(sql, {"as_of": as_of}, chunk_size, types):
-        sizes.append(len(chunk))
-        del chunk
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return peak, sizes
+FEATURE_TYPES = {name: pa.float64() for name in FEATURES}
 
 
 def test_streaming_memory_is_bounded_by_the_chunk_not_the_table(warehouse):
@@ -80,8 +69,8 @@ def test_streaming_memory_is_bounded_by_the_chunk_not_the_table(warehouse):
             warehouse.tables.activity,
             activity_frame(large).assign(**{WINDOW_END: date(2026, 11, 20)}),
         )
-    small_peak, small_sizes = stream_peak(warehouse, date(2026, 11, 10), chunk_size)
-    large_peak, large_sizes = stream_peak(warehouse, date(2026, 11, 25), chunk_size)
+    small_peak, small_sizes = stream_peak(warehouse, date(2026, 11, 10), chunk_size, FEATURE_TYPES)
+    large_peak, large_sizes = stream_peak(warehouse, date(2026, 11, 25), chunk_size, FEATURE_TYPES)
     assert sum(small_sizes) == small and sum(large_sizes) == large
     assert max(large_sizes) == chunk_size and len(large_sizes) == large // chunk_size
     assert large_peak < 1.5 * small_peak, f"peak grew with the table: {small_peak} -> {large_peak}"
