@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Column, MetaData, Table, delete, func, select, text
+from sqlalchemy import Column, MetaData, Table, func, select, text
 from threadpoolctl import threadpool_limits
 
 from audiobooks_scoring import pipeline, progress
@@ -432,9 +432,7 @@ def measure_pipeline(
     history before the clock starts, since a nightly run publishes a run id history does not
     hold yet (replacing a run's history is a backfill's cost, not the nightly one's).
     """
-    history = warehouse.tables.history
-    with warehouse.engine.begin() as conn:
-        conn.execute(delete(history).where(history.c.run_id == BENCH_RUN_ID))
+    warehouse.forget_run_history(BENCH_RUN_ID)
     reset_peak_rss()
     timer = TimedSteps()
     run = pipeline.ScoringRun(settings, warehouse, BENCH_RUN_ID, BENCH_AS_OF)

@@ -168,6 +168,8 @@ class WarehouseAdapter:
     history_partitioned: ClassVar[bool] = False
     constants_as_defaults: ClassVar[bool] = False
     customer_index_always: ClassVar[bool] = False
+    live_list_view: ClassVar[bool] = False
+    """Whether the live list is a view of its run in history (it then has no index of its own)."""
     list_writers: ClassVar[int] = 1
     write_batch_rows: ClassVar[int] = 10_000
     shared_by_processes: ClassVar[bool] = True
@@ -421,6 +423,12 @@ class WarehouseAdapter:
                 raise DuplicateCustomers(f"{table.name}: a customer id is staged twice") from error
             raise
 
+    def forget_run_history(self, run_id: str) -> None:
+        """Remove a run's rows from history (the bench's reset; runs never call it)."""
+        history = self.tables.history
+        with self.engine.begin() as conn:
+            conn.execute(delete(history).where(history.c.run_id == run_id))
+
     def discard_list(self) -> None:
         """Drop a built but unpublished list (a run that fails its gates publishes nothing)."""
         with self.engine.begin() as conn:
@@ -509,7 +517,8 @@ def pause_at(stage: str) -> None:
     """Fault-injection hook: sleep at a publication stage named in AUDIOBOOKS_TEST_PAUSE_AT.
 
     `AUDIOBOOKS_TEST_PAUSE_AT=stage:seconds` (stages: after_staging, during_swap,
-    before_commit); the reliability tests kill or disturb a real run paused there.
+    before_commit; MySQL also during_switch, between its exchange and its view switch); the
+    reliability tests kill or disturb a real run paused there.
     """
     wanted = os.environ.get("AUDIOBOOKS_TEST_PAUSE_AT", "")
     if wanted.split(":")[0] == stage:

@@ -1,4 +1,4 @@
-"""MySQL and MariaDB (PyMySQL): text-protocol rows read in bulk, LOAD DATA writes, RENAME swap.
+"""MySQL and MariaDB (PyMySQL): bulk text-protocol reads, LOAD DATA writes, lists written once.
 
 - Reads: the query runs on an unbuffered (server-side) cursor; when every column is a
   number or a date, the row packets are read off the socket in blocks and parsed per chunk
@@ -7,38 +7,50 @@
   columns) are fetched row by row in chunks. Values arrive as text, which the server prints
   in the shortest form that reads back to the same double: floats are bit-exact.
 - Writes: `LOAD DATA LOCAL INFILE` of a tab-separated batch written by Arrow to a temp file
-  (measured 2x less server CPU than multi-row INSERTs). `LOAD DATA LOCAL` turns refused
-  values into warnings, so any warning fails the write (and its transaction). The driver's
-  local-file permission is switched on only for the adapter's own LOAD DATA statements.
-  A `bulk_writer` is one transaction, fed by a sender thread at most one batch behind.
-- Tables: reason codes are a native `ENUM` (one byte); every list gets its unique customer
-  index when created (the load keeps it; a repeated id fails the load); a list holds only
-  what varies by customer, the run's constants are added as instant `ADD COLUMN ... DEFAULT`
-  columns (no row is rewritten) and the defaults then dropped. In MySQL a schema is a
-  database: `warehouse_schema` names it and tables are qualified `db.table`.
+  (measured 2x less server CPU than multi-row INSERTs); the run's constants go in its `SET`
+  clause, not in the file. `LOAD DATA LOCAL` turns refused values into warnings, so any
+  warning fails the write (and its transaction). The driver's local-file permission is
+  switched on only for the adapter's own LOAD DATA statements. A `bulk_writer` is one
+  transaction, fed by a sender thread at most one batch behind.
+- Tables: reason codes are a native `ENUM` (one byte). History is partitioned
+  `LIST COLUMNS (run_id)`, one partition a run, with a customer index; the live list
+  `customer_scores` is a view of the live run's partition (`ALGORITHM = MERGE`, so queries
+  on it prune to that partition and use the index). A list is written once: loaded into
+  `<scores>_next` with what varies by customer, its constants then added as instant
+  `ADD COLUMN ... DEFAULT` columns (no row is rewritten; the defaults are then dropped), so
+  it has history's columns and index, and exchanged into its run's partition. Customer ids
+  are checked unique by the spill merge or a query (history's unique keys would have to
+  include `run_id`, and a non-unique index loads faster). In MySQL a schema is a
+  database: `warehouse_schema` names it and tables are qualified `db.table`. MariaDB
+  allows 8,192 partitions a table, so history holds at most that many runs (22 years of
+  nightly runs).
 - Run lock: `GET_LOCK('audiobooks-scoring:<db>.<scores>', 0)` on a connection kept open for
-  the run; publication checks, inside its transaction, that `IS_USED_LOCK` still names that
-  connection's id (`RunLockLost` otherwise). A killed session or a dead client frees it.
+  the run; publication checks that `IS_USED_LOCK` still names that connection's id
+  (`RunLockLost` otherwise). A killed session or a dead client frees it.
 
-Publication (DDL is not transactional in MySQL; `RENAME TABLE` of several tables is atomic):
+Publication (DDL is not transactional in MySQL; each statement below is atomic):
 
-1. One InnoDB transaction, under the run lock: replace the run's history rows with the built
-   list's, and write the intent row `(run_id, replace)` to `<scores>_swap`. Its COMMIT is the
+1. Under the run lock, the intent row `(run_id, replace, scored_at of the built list)` is
+   committed to `<scores>_swap`, and the run's history partition added if missing.
+2. `ALTER TABLE history EXCHANGE PARTITION <run's> WITH TABLE <scores>_next`: the built list
+   becomes the run's history (its earlier rows, if any, land in `_next`). This is the
    publication's commit point.
-2. `RENAME TABLE live TO <scores>_old, <scores>_next TO live` (a backfill drops `_next`).
-3. Delete the intent row, drop `<scores>_old`.
+3. `CREATE OR REPLACE VIEW customer_scores ... WHERE run_id = <run>` (not for a backfill),
+   then `_next` is dropped and the intent row deleted.
 
-Views and table grants name the live table and MariaDB resolves them at query time, so they
-follow the RENAME (tests check both). A crash, kill or lost connection:
+Views and grants name the live view and the job's views read it at query time, so they
+follow the switch (tests check both). A crash, kill or lost connection:
 
 | cut | readers see | history | the next attempt (a retry, or the next run's start) |
 | --- | --- | --- | --- |
-| before the COMMIT (all pause stages) | the previous list | unchanged | drops `_next` |
-| after the COMMIT, before the RENAME | the previous list | has the run | renames it in |
-| after the RENAME | the new list, whole | has the run | drops the intent, `_old` |
+| before the EXCHANGE (all pause stages) | the previous list | unchanged | drops `_next` |
+| after the EXCHANGE, before the view | the previous list | has the run | points the view at it |
+| after the view | the new list, whole | has the run | drops `_next`, the intent |
 
-Readers never see an empty, partial or mixed list. `RENAME` waits for running queries on the
-live table up to `lock_timeout_ms` (rounded up to a second) and a timeout (1205) is retried.
+Whether the EXCHANGE happened is read from history: the intent's `scored_at` (to the
+microsecond) is in the run's partition only once it did. Readers never see an empty,
+partial or mixed list. The EXCHANGE waits for running queries on history up to
+`lock_timeout_ms` (rounded up to a second) and a timeout (1205) is retried.
 """
 
 from __future__ import annotations
@@ -76,12 +88,12 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     select,
     text,
 )
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.schema import CreateSchema, CreateTable
 
 from audiobooks_scoring.contract import CUSTOMER_ID
 from audiobooks_scoring.settings import Settings
@@ -90,6 +102,7 @@ from audiobooks_scoring.warehouse.adapter import (
     SessionLock,
     WarehouseAdapter,
     _create_engine,
+    check_unique_customers,
     pause_at,
 )
 from audiobooks_scoring.warehouse.columns import CodedColumn, ColumnWriter
@@ -99,7 +112,7 @@ from audiobooks_scoring.warehouse.errors import (
     RunLockLost,
     WarehouseError,
 )
-from audiobooks_scoring.warehouse.tables import TableLayout, next_list_table
+from audiobooks_scoring.warehouse.tables import LIST_COLUMNS, SCORED_AT_TYPE, TableLayout
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +123,7 @@ PERMANENT_ERRORS = frozenset({1044, 1045, 1049, 1142, 1146, 1064, 1062, 1048, 13
 DUPLICATE_KEY = 1062
 LOCK_PREFIX = "audiobooks-scoring:"
 LOCK_NAME_MAX = 64  # MySQL refuses longer user-lock names
+NO_RUN_PARTITION = "p_no_run"  # a LIST-partitioned table needs one partition to be created
 
 # Result column types (MySQL protocol) the bulk reader parses, and their default Arrow types.
 _INTEGER_TYPES = frozenset({1, 2, 3, 8, 9, 13})  # TINY, SHORT, LONG, LONGLONG, INT24, YEAR
@@ -147,10 +161,11 @@ class MySQLAdapter(WarehouseAdapter):
     supports_schemas: ClassVar[bool] = True
     transactional_ddl: ClassVar[bool] = False
     native_enum: ClassVar[bool] = True
-    history_partitioned: ClassVar[bool] = False
+    history_partitioned: ClassVar[bool] = True
     constants_as_defaults: ClassVar[bool] = True
-    customer_index_always: ClassVar[bool] = True
-    list_writers: ClassVar[int] = 2
+    customer_index_always: ClassVar[bool] = False  # ids are checked by the merge or a query
+    live_list_view: ClassVar[bool] = True
+    list_writers: ClassVar[int] = 3  # measured at 1M: 3 sessions load faster than 2 or 4
     write_batch_rows: ClassVar[int] = 250_000
 
     @classmethod
@@ -165,12 +180,12 @@ class MySQLAdapter(WarehouseAdapter):
 
     @classmethod
     def table_layout(cls, settings: Settings) -> TableLayout:
-        """Native ENUM reason codes, a unique customer index on every list."""
+        """Native ENUM reason codes; history partitioned by run; the live list is a view."""
         return TableLayout(
             schema=settings.warehouse_schema,
             native_enum=True,
-            history_partitioned=False,
-            scores_index=True,
+            history_partitioned=True,
+            scores_index=False,
         )
 
     @property
@@ -179,23 +194,137 @@ class MySQLAdapter(WarehouseAdapter):
         return self.tables.schema or self.engine.url.database or ""
 
     def swap_table(self) -> Table:
-        """`<scores>_swap`: the intent row of a publication between its commit and its RENAME."""
+        """`<scores>_swap`: the intent row of a publication until its list is live."""
         return Table(
             f"{self.tables.scores.name}_swap"[:60],
             MetaData(schema=self.tables.schema),
             Column("run_id", String(80), primary_key=True),
             Column("replace_current", Boolean, nullable=False),
+            Column("scored_at", SCORED_AT_TYPE, nullable=False),
             Column("committed_at", DateTime(timezone=True), nullable=False),
         )
 
-    def side_table(self, suffix: str) -> Table:
-        """`<scores><suffix>` (no columns: for naming only)."""
-        return Table(f"{self.tables.scores.name}{suffix}"[:60], MetaData(schema=self.tables.schema))
+    def indexed_list_table(self, name: str, columns: tuple[str, ...] | None = None) -> Table:
+        """A table of the list's columns (`columns`: the first ones) with a customer index."""
+        wanted = columns or tuple(c.name for c in self.tables.scores.columns)
+        return Table(
+            name,
+            MetaData(schema=self.tables.schema),
+            *[
+                Column(c.name, c.type, nullable=c.nullable)
+                for c in self.tables.scores.columns
+                if c.name in wanted
+            ],
+            # one name in both tables: EXCHANGE compares index names
+            Index(f"{self.tables.scores.name}_customer"[:60], CUSTOMER_ID),
+        )
+
+    def list_table(self) -> Table:
+        """`<scores>_next`: what varies by customer, indexed as history is; constants later."""
+        return self.indexed_list_table(f"{self.tables.scores.name}_next"[:60], LIST_COLUMNS)
+
+    def finished_list_table(self) -> Table:
+        """`<scores>_next` once finished: with the run's constants, as history has them."""
+        return self.indexed_list_table(self.list_table().name)
 
     def create_tables(self) -> None:
-        """The database, tables, views and the publication intent table (idempotent)."""
-        super().create_tables()
-        self.swap_table().create(self.engine, checkfirst=True)
+        """The database, the partitioned history, the live view, the other tables and views.
+
+        Idempotent. Tables of the earlier layout (a live table, an unpartitioned history)
+        are refused, naming them.
+        """
+        tables = self.tables
+        with self.engine.begin() as conn:
+            if tables.schema:
+                conn.execute(CreateSchema(tables.schema, if_not_exists=True))
+            self._refuse_earlier_layout(conn)
+            others = [
+                table
+                for table in tables.metadata.sorted_tables
+                if table.name not in (tables.scores.name, tables.history.name)
+            ]
+            tables.metadata.create_all(conn, tables=others, checkfirst=True)
+            self.swap_table().create(conn, checkfirst=True)
+            if self._relation_type(conn, tables.history.name) is None:
+                history = self.indexed_list_table(tables.history.name)
+                ddl = str(CreateTable(history).compile(dialect=self.dialect)).strip()
+                conn.execute(
+                    text(
+                        f"{ddl} PARTITION BY LIST COLUMNS (run_id) "
+                        f"(PARTITION {NO_RUN_PARTITION} VALUES IN (''))"
+                    )
+                )
+                for index in history.indexes:
+                    index.create(conn)
+            if self._relation_type(conn, tables.scores.name) is None:
+                self.point_live_view(conn, "")
+            self.create_views(conn)
+
+    def _relation_type(self, conn: Connection, name: str) -> str | None:
+        """'BASE TABLE' or 'VIEW' for a relation of the warehouse database, None if missing."""
+        return conn.execute(
+            text(
+                "SELECT table_type FROM information_schema.TABLES "
+                "WHERE table_schema = :db AND table_name = :name"
+            ),
+            {"db": self.database, "name": name},
+        ).scalar()
+
+    def _refuse_earlier_layout(self, conn: Connection) -> None:
+        scores, history = self.tables.scores.name, self.tables.history.name
+        partitioned = conn.execute(
+            text(
+                "SELECT count(*) FROM information_schema.PARTITIONS WHERE table_schema = :db "
+                "AND table_name = :name AND partition_method IS NOT NULL"
+            ),
+            {"db": self.database, "name": history},
+        ).scalar()
+        earlier = [
+            name
+            for name, wanted, found in (
+                (scores, "VIEW", self._relation_type(conn, scores)),
+                (history, "BASE TABLE", self._relation_type(conn, history)),
+            )
+            if found not in (None, wanted) or (name == history and found and not partitioned)
+        ]
+        if earlier:
+            raise WarehouseError(
+                f"{', '.join(earlier)} in {self.database} have an earlier layout (the live list "
+                "is now a view of history, partitioned by run): rename or drop them, then run "
+                "`audiobooks-scoring init` again"
+            )
+
+    def point_live_view(self, conn: Connection, run_id: str) -> None:
+        """`CREATE OR REPLACE VIEW customer_scores` over the run's history partition (atomic)."""
+        columns = ", ".join(self.quote(c.name) for c in self.tables.scores.columns)
+        conn.execute(
+            text(
+                f"CREATE OR REPLACE ALGORITHM = MERGE SQL SECURITY DEFINER VIEW "
+                f"{self.qualified_name(self.tables.scores)} AS SELECT {columns} "
+                f"FROM {self.qualified_name(self.tables.history)} "
+                f"WHERE {self.quote('run_id')} = {self.literal(run_id, String(80))}"
+            )
+        )
+
+    def partition_name(self, run_id: str) -> str:
+        """The name of a run's history partition (from a digest of its id)."""
+        return "p_" + hashlib.sha256(run_id.encode()).hexdigest()[:24]
+
+    def _partition_exists(self, conn: Connection, run_id: str) -> bool:
+        return (
+            conn.execute(
+                text(
+                    "SELECT 1 FROM information_schema.PARTITIONS WHERE table_schema = :db "
+                    "AND table_name = :name AND partition_name = :partition"
+                ),
+                {
+                    "db": self.database,
+                    "name": self.tables.history.name,
+                    "partition": self.partition_name(run_id),
+                },
+            ).first()
+            is not None
+        )
 
     def analyze(self, table: Table) -> None:
         """`ANALYZE TABLE`."""
@@ -293,10 +422,11 @@ class MySQLAdapter(WarehouseAdapter):
     def write_columns(
         self, conn: Connection, table: Table, columns: Mapping[str, Any], rows: int
     ) -> int:
-        """LOAD DATA of column arrays, coded columns (as Arrow dictionaries) and constants."""
+        """LOAD DATA of column arrays and coded columns (Arrow dictionaries); constants by SET."""
         if rows == 0:
             return 0
-        self._load(conn, table, list(columns), _tsv_batch(table, columns, rows))
+        varying, constants = _split_constants(columns)
+        self._load(conn, table, list(varying), _tsv_batch(table, varying, rows), constants)
         return rows
 
     @contextmanager
@@ -312,7 +442,8 @@ class MySQLAdapter(WarehouseAdapter):
             try:
 
                 def write_batch(columns: Mapping[str, Any], rows: int) -> int:
-                    sender.send(list(columns), _tsv_batch(table, columns, rows))
+                    varying, constants = _split_constants(columns)
+                    sender.send(list(varying), _tsv_batch(table, varying, rows), constants)
                     return rows
 
                 yield ColumnWriter(write_batch)
@@ -321,18 +452,33 @@ class MySQLAdapter(WarehouseAdapter):
                 raise
             sender.finish()
 
-    def _load(self, conn: Connection, table: Table, names: list[str], data: pa.Buffer) -> None:
-        """LOAD DATA LOCAL INFILE of tab-separated `data`; any server warning fails it."""
+    def _load(
+        self,
+        conn: Connection,
+        table: Table,
+        names: list[str],
+        data: pa.Buffer,
+        constants: Mapping[str, Any] | None = None,
+    ) -> None:
+        """LOAD DATA LOCAL INFILE of tab-separated `data`, `constants` set on every row.
+
+        Any server warning fails it.
+        """
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - removed below
             prefix="audiobooks-load-", suffix=".tsv", delete=False
         )
         try:
             with handle:
                 handle.write(data)
+            assigned = ", ".join(
+                f"{self.quote(name)} = {self._constant_literal(value, table.c[name].type)}"
+                for name, value in (constants or {}).items()
+            )
             statement = (
                 f"LOAD DATA LOCAL INFILE {self.literal(handle.name)} "
                 f"INTO TABLE {self.qualified_name(table)} CHARACTER SET utf8mb4 "
                 f"({', '.join(self.quote(name) for name in names)})"
+                + (f" SET {assigned}" if assigned else "")
             )
             raw = conn.connection.driver_connection
             with _local_files_allowed(raw):
@@ -368,26 +514,16 @@ class MySQLAdapter(WarehouseAdapter):
     # ------------------------------------------------------------------------------ the list
 
     def create_list_table(self, conn: Connection) -> Table:
-        """A new, empty `<scores>_next` with its unique customer index (an earlier one dropped).
+        """A new, empty `<scores>_next` with its customer index (an earlier one dropped).
 
-        Filling the indexed table costs no more than the load alone (measured: 3.0 s for 1M
-        rows either way), while building the index afterwards adds about 1.4 s.
+        The index is there before the load (building it afterwards was measured 1.4 s slower
+        at 1M rows).
         """
-        self.recover_publication()  # a committed publication's list is not dropped
+        self.recover_publication()  # a committed publication's leftovers go first
         table = self.list_table()
-        Index(f"{self.tables.scores.name}_customer"[:60], table.c[CUSTOMER_ID], unique=True)
-        table.drop(conn, checkfirst=True)
+        conn.execute(text(f"DROP TABLE IF EXISTS {self.qualified_name(table)}"))
         table.create(conn)
         return table
-
-    def insert_ranked(self, conn: Connection, table: Table, ranked, constants) -> int:
-        """The base insert; a repeated customer id (the unique index refuses it) is reported."""
-        try:
-            return super().insert_ranked(conn, table, ranked, constants)
-        except DBAPIError as error:
-            if self.is_unique_violation(error):
-                raise DuplicateCustomers(f"{table.name}: a customer id is staged twice") from error
-            raise
 
     def finish_list(
         self,
@@ -397,7 +533,14 @@ class MySQLAdapter(WarehouseAdapter):
         ids_checked: bool,
         customer_index: bool = False,
     ) -> None:
-        """The run's constants as instant columns (defaults, then dropped); the index exists."""
+        """Ids checked unique; the run's constants as instant columns (defaults, then dropped).
+
+        `ADD COLUMN ... DEFAULT` rewrites no row (the value is kept once, in the table's
+        metadata), and the columns end up as history's: the list can be exchanged into it.
+        A unique index cannot be asked for: history's keys must include `run_id`.
+        """
+        if not ids_checked:
+            check_unique_customers(conn, table)
         scores = self.tables.scores
         name = self.qualified_name(table)
         literals = {
@@ -422,95 +565,116 @@ class MySQLAdapter(WarehouseAdapter):
             return self.literal(value.isoformat(sep=" "))
         return self.literal(value, type_)
 
+    def forget_run_history(self, run_id: str) -> None:
+        """Empty the run's history partition (`TRUNCATE PARTITION`: no rows left to purge)."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if self._partition_exists(conn, run_id):
+                conn.execute(
+                    text(
+                        f"ALTER TABLE {self.qualified_name(self.tables.history)} "
+                        f"TRUNCATE PARTITION {self.partition_name(run_id)}"
+                    )
+                )
+
     def discard_list(self) -> None:
         """Drop a built but unpublished list."""
         with self.engine.begin() as conn:
             conn.execute(text(f"DROP TABLE IF EXISTS {self.qualified_name(self.list_table())}"))
 
-    def _exists(self, conn: Connection, table: Table) -> bool:
-        return bool(inspect(conn).has_table(table.name, schema=self.tables.schema))
-
     def _live_run_id(self, conn: Connection) -> str | None:
         scores = self.tables.scores
         return conn.execute(select(scores.c.run_id).limit(1)).scalar()
 
-    def _rename_wait(self) -> int:
+    def _wait_seconds(self) -> int:
         return max(1, math.ceil(self.lock_timeout_ms / 1000))
 
     def swap_list(self, run_id: str, replace_current: bool) -> None:
-        """Commit history and the intent row in one transaction, then RENAME (see the module)."""
+        """Commit the intent, exchange the list into history, point the view (see the module)."""
         self.recover_publication()  # e.g. this swap's own earlier attempt, cut after its commit
-        built, swap = next_list_table(self.tables), self.swap_table()
-        history = self.tables.history
-        columns = [c.name for c in self.tables.scores.columns]
+        built, swap = self.finished_list_table(), self.swap_table()
         with self.engine.connect() as conn:
             live_run = self._live_run_id(conn)
-            if not self._exists(conn, built):
+            if self._relation_type(conn, built.name) is None:
                 if replace_current and live_run == run_id:
                     return  # an earlier attempt reached its commit point and was completed
                 raise PublicationError(f"no built list {built.name} to publish for run {run_id}")
-            swap.create(conn, checkfirst=True)
-            conn.commit()
+            scored_at = conn.execute(select(built.c.scored_at).limit(1)).scalar()
+            if scored_at is None:
+                raise PublicationError(f"the built list {built.name} of run {run_id} is empty")
         replace = replace_current or live_run == run_id  # a backfill of the live run replaces it
         pause_at("after_staging")
         with self.engine.begin() as conn:
             self.check_run_lock(conn)
-            conn.execute(delete(history).where(history.c.run_id == run_id))
-            pause_at("during_swap")
-            rows = select(*[built.c[name] for name in columns])
-            conn.execute(insert(history).from_select(columns, rows))
             conn.execute(
                 insert(swap).values(
-                    run_id=run_id, replace_current=replace, committed_at=datetime.now(UTC)
+                    run_id=run_id,
+                    replace_current=replace,
+                    scored_at=scored_at,
+                    committed_at=datetime.now(UTC),
                 )
             )
+            pause_at("during_swap")
+        # DDL in autocommit: with autocommit off, MariaDB 10.11's EXCHANGE waits on itself
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             self.check_run_lock(conn)
-            pause_at("before_commit")
-        self.recover_publication()  # the commit point is passed: RENAME, clear the intent
-
-    def recover_publication(self) -> None:
-        """Complete a committed publication (RENAME, intent row, `_old`); drop a stale `_old`.
-
-        Idempotent; called at every run's start, before a list is built and around a swap.
-        A committed intent row means the run's history is in place: its built list is renamed
-        in (a backfill's is dropped). Without an intent row nothing here is published.
-        """
-        swap, built, old = self.swap_table(), next_list_table(self.tables), self.side_table("_old")
-        with self.engine.connect() as conn:
-            if not self._exists(conn, swap):
-                return
-            intent = conn.execute(select(swap.c.run_id, swap.c.replace_current)).first()
-            if intent is not None and self._exists(conn, built):
-                built_run = conn.execute(select(built.c.run_id).limit(1)).scalar()
-                if built_run != intent.run_id:
-                    logger.warning(
-                        "the intent to publish run %s found the list of run %s; not renamed",
-                        intent.run_id,
-                        built_run,
+            if not self._partition_exists(conn, run_id):
+                conn.execute(
+                    text(
+                        f"ALTER TABLE {self.qualified_name(self.tables.history)} ADD PARTITION "
+                        f"(PARTITION {self.partition_name(run_id)} "
+                        f"VALUES IN ({self.literal(run_id, String(80))}))"
                     )
-                elif intent.replace_current:
-                    self._rename_in(conn, built, old)
-                    logger.info("run %s: its list is now live", intent.run_id)
-                else:
-                    conn.execute(text(f"DROP TABLE {self.qualified_name(built)}"))
-            if intent is not None:
-                conn.execute(delete(swap).where(swap.c.run_id == intent.run_id))
-                conn.commit()
-            conn.execute(text(f"DROP TABLE IF EXISTS {self.qualified_name(old)}"))
+                )
+            pause_at("before_commit")
+            self._exchange_in(conn, run_id, built)
+            pause_at("during_switch")
+        self.recover_publication()  # the commit point is passed: the view, `_next`, the intent
 
-    def _rename_in(self, conn: Connection, built: Table, old: Table) -> None:
-        """One atomic RENAME: live to `_old` and the built list to live."""
-        live = self.qualified_name(self.tables.scores)
-        conn.execute(text(f"DROP TABLE IF EXISTS {self.qualified_name(old)}"))
-        conn.execute(text(f"SET SESSION lock_wait_timeout = {self._rename_wait()}"))
+    def _exchange_in(self, conn: Connection, run_id: str, built: Table) -> None:
+        """One atomic EXCHANGE: the built list becomes the run's history partition."""
+        conn.execute(text(f"SET SESSION lock_wait_timeout = {self._wait_seconds()}"))
         try:
-            pairs = f"{self.qualified_name(built)} TO {live}"
-            if self._exists(conn, self.tables.scores):
-                pairs = f"{live} TO {self.qualified_name(old)}, {pairs}"
-            pause_at("during_rename")
-            conn.execute(text(f"RENAME TABLE {pairs}"))
+            conn.execute(
+                text(
+                    f"ALTER TABLE {self.qualified_name(self.tables.history)} EXCHANGE PARTITION "
+                    f"{self.partition_name(run_id)} WITH TABLE {self.qualified_name(built)}"
+                )
+            )
         finally:
             conn.execute(text("SET SESSION lock_wait_timeout = DEFAULT"))
+
+    def _exchanged(self, conn: Connection, run_id: str, scored_at: datetime) -> bool:
+        """Whether the list scored at `scored_at` is the run's history (the EXCHANGE happened)."""
+        history = self.tables.history
+        found = conn.execute(
+            select(history.c.run_id)
+            .where(history.c.run_id == run_id, history.c.scored_at == scored_at)
+            .limit(1)
+        ).first()
+        return found is not None
+
+    def recover_publication(self) -> None:
+        """Complete a publication whose EXCHANGE happened (the view, `_next`); forget the rest.
+
+        Idempotent; called at every run's start, before a list is built and around a swap.
+        An intent whose list is in history is completed: the live view points at its run
+        (not for a backfill) and `_next`, holding the run's replaced rows, is dropped. An
+        intent whose EXCHANGE did not happen is deleted: nothing of it is published.
+        """
+        swap, built = self.swap_table(), self.list_table()
+        with self.engine.connect() as conn:
+            if self._relation_type(conn, swap.name) is None:
+                return
+            intent = conn.execute(select(swap)).first()
+            if intent is None:
+                return
+            if self._exchanged(conn, intent.run_id, intent.scored_at):
+                if intent.replace_current:
+                    self.point_live_view(conn, intent.run_id)
+                    logger.info("run %s: its list is now live", intent.run_id)
+                conn.execute(text(f"DROP TABLE IF EXISTS {self.qualified_name(built)}"))
+            conn.execute(delete(swap).where(swap.c.run_id == intent.run_id))
+            conn.commit()
 
     # ------------------------------------------------------------------------------ run lock
 
@@ -909,6 +1073,18 @@ def _text_column(value: Any, type_: Any, rows: int) -> pa.Array | pa.Scalar:
     return pc.fill_null(array, "\\N")
 
 
+def _split_constants(columns: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(columns that vary by row, constants), when at least one column varies."""
+    varying = {
+        name: value
+        for name, value in columns.items()
+        if isinstance(value, np.ndarray | pd.Series | list | CodedColumn)
+    }
+    if not varying:
+        return dict(columns), {}
+    return varying, {name: value for name, value in columns.items() if name not in varying}
+
+
 def _tsv_batch(table: Table, columns: Mapping[str, Any], rows: int) -> pa.Buffer:
     """The batch in LOAD DATA's default format: tab-separated, `\\N` for NULL, a row a line."""
     texts = [_text_column(value, table.c[name].type, rows) for name, value in columns.items()]
@@ -941,9 +1117,9 @@ class _LoadSender:
                 return
             if self.error is not None:
                 continue
-            names, data = item
+            names, data, constants = item
             try:
-                self.adapter._load(self.conn, self.table, names, data)
+                self.adapter._load(self.conn, self.table, names, data, constants)
             except BaseException as error:  # handed to the writer's thread
                 self.error = error
 
@@ -951,9 +1127,9 @@ class _LoadSender:
         if self.error is not None:
             raise self.error
 
-    def send(self, names: list[str], data: pa.Buffer) -> None:
+    def send(self, names: list[str], data: pa.Buffer, constants: Mapping[str, Any]) -> None:
         self._raise()
-        self.batches.put((names, data))
+        self.batches.put((names, data, constants))
 
     def finish(self) -> None:
         self.batches.put(None)

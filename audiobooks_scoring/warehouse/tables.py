@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.dialects.mysql import DATETIME as MYSQL_DATETIME
 
 from audiobooks_scoring.contract import (
     CUSTOMER_ID,
@@ -44,6 +45,9 @@ LIST_COLUMNS = (
     "reason_3",
 )
 """The columns of the target list that vary by customer (the rest is constant in a run)."""
+
+SCORED_AT_TYPE = DateTime(timezone=True).with_variant(MYSQL_DATETIME(fsp=6), "mysql", "mariadb")
+"""When a list was scored, to the microsecond (MySQL's DATETIME would keep whole seconds)."""
 
 VIEW_NAMES = (
     "campaign_targets",
@@ -123,7 +127,7 @@ def score_columns(reason_type: Any) -> list[Column]:
         Column("reason_3", reason_type),
         Column("model_version", String(80), nullable=False),
         Column("run_id", String(80), nullable=False),
-        Column("scored_at", DateTime(timezone=True), nullable=False),
+        Column("scored_at", SCORED_AT_TYPE, nullable=False),
     ]
 
 

@@ -1,4 +1,4 @@
-"""The MySQL/MariaDB adapter on a real MariaDB: bulk paths, streaming, the RENAME swap, the lock.
+"""The MySQL/MariaDB adapter on a real MariaDB: bulk paths, streaming, the swap, the lock.
 
 Each test gets its own database (`mariadb_database`); in CI an unreachable server fails.
 """
@@ -233,14 +233,15 @@ def build_list(warehouse, run_id: str, rows: int) -> None:
         "reason_2": CodedColumn(np.full(rows, -1), SCORE_REASON_CODES),
         "reason_3": CodedColumn(np.full(rows, -1), SCORE_REASON_CODES),
     }
+    constants = {"model_version": "m1", "run_id": run_id, "scored_at": datetime.now(UTC)}
+    columns.update(warehouse.per_row_constants(constants))
     with warehouse.bulk_writer(table) as writer:
         writer.write(columns, rows)
-    constants = {"model_version": "m1", "run_id": run_id, "scored_at": datetime.now(UTC)}
     with warehouse.engine.begin() as conn:
         warehouse.finish_list(conn, table, constants, True)
 
 
-def test_rename_swap_is_atomic_for_a_concurrent_reader(mysql):
+def test_the_swap_is_atomic_for_a_concurrent_reader(mysql):
     sizes = {"a": 20_000, "b": 30_000}
     seen: list[tuple] = []
     stop = threading.Event()
@@ -288,7 +289,7 @@ def test_rename_swap_is_atomic_for_a_concurrent_reader(mysql):
     assert leftover_tables(mysql) == []
 
 
-def test_views_follow_the_rename_and_show_reasons_through_concat(mysql):
+def test_views_follow_the_switch_and_show_reasons_through_concat(mysql):
     with mysql.run_lock():
         build_list(mysql, "one", 100)
         mysql.swap_list("one", True)
@@ -300,6 +301,36 @@ def test_views_follow_the_rename_and_show_reasons_through_concat(mysql):
     assert explained["reasons"].str.len().min() > 0  # one reason label per row
     definition = mysql.read_frame(f"SHOW CREATE VIEW {schema}.customer_scores_explained")
     assert "concat(" in definition.iloc[0, 1].lower() and "||" not in definition.iloc[0, 1]
+
+
+def test_the_live_view_reads_only_its_runs_partition_and_a_list_is_written_once(mysql):
+    with mysql.run_lock():
+        for run_id in ("p1", "p2", "p3"):
+            build_list(mysql, run_id, 60)
+            mysql.swap_list(run_id, True)
+    live = mysql.qualified_name(mysql.tables.scores)
+    plan = mysql.read_frame(f"EXPLAIN PARTITIONS SELECT count(*) FROM {live}")
+    assert plan["partitions"].tolist() == [mysql.partition_name("p3")]
+    assert history_counts(mysql) == {"p1": 60, "p2": 60, "p3": 60}
+    tables = mysql.read_frame(
+        "SELECT table_name, table_type FROM information_schema.TABLES WHERE table_schema = :db",
+        {"db": mysql.database},
+    )
+    kinds = dict(zip(tables["table_name"], tables["table_type"], strict=True))
+    assert kinds[mysql.tables.scores.name] == "VIEW"
+    assert kinds[mysql.tables.history.name] == "BASE TABLE"
+    assert leftover_tables(mysql) == []
+
+
+def test_tables_of_the_earlier_layout_are_refused_by_name(my_settings):
+    engine = create_engine(my_settings.warehouse_url_value)
+    schema = my_settings.warehouse_schema
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE DATABASE IF NOT EXISTS `{schema}`"))
+        conn.execute(text(f"CREATE TABLE `{schema}`.customer_scores (customer_id BIGINT)"))
+    engine.dispose()
+    with pytest.raises(WarehouseError, match="customer_scores in .* earlier layout"):
+        init_warehouse(my_settings)
 
 
 def test_table_grants_survive_the_swap(mysql):
@@ -346,7 +377,7 @@ def model_file(scoring_model, tmp_path_factory):
     return save_model_file(scoring_model, tmp_path_factory.mktemp("model") / "model.pickle")
 
 
-@pytest.mark.parametrize("stage", ["before_commit", "during_rename"])
+@pytest.mark.parametrize("stage", ["before_commit", "during_switch"])
 def test_killed_mid_publish_leaves_a_whole_list_and_the_next_run_completes(
     my_settings, mysql, scoring_model, model_file, tmp_path, stage
 ):
@@ -360,7 +391,7 @@ def test_killed_mid_publish_leaves_a_whole_list_and_the_next_run_completes(
 
     pd.testing.assert_frame_equal(scores_dump(mysql), before)  # readers still see it whole
     wait_until(lambda: mysql.run_lock_holder() is None, 10, "the killed run's lock to be freed")
-    committed = stage == "during_rename"  # killed after its commit point, before the RENAME
+    committed = stage == "during_switch"  # killed after its commit point, before the view
     assert ("killed" in history_counts(mysql)) == committed
 
     figures = run_scoring(my_settings, mysql, "next", AS_OF, model=scoring_model)
