@@ -102,3 +102,14 @@ def test_a_lock_row_left_by_a_dead_run_is_taken_over(generic, holder, age, taken
         with pytest.raises(AnotherRunPublishing, match="another-host:1"):
             with warehouse.run_lock():
                 pass
+
+
+def test_asking_for_a_customer_index_still_publishes_a_whole_list(generic):
+    settings, warehouse = generic
+    indexed = settings.model_copy(update={"customer_index": True})
+    fill_activity(warehouse, customers=300)
+    figures = run_scoring(indexed, warehouse, "generic-indexed", AS_OF)
+    assert figures["status"] == "succeeded"
+    scores = scores_dump(warehouse)
+    assert len(scores) == figures["rows_scored"] and scores["customer_id"].is_unique
+    assert list(scores["rank"]) == list(range(1, len(scores) + 1))
