@@ -154,7 +154,7 @@ def error_code(error: BaseException) -> int | None:
 
 
 class MySQLAdapter(WarehouseAdapter):
-    """MySQL/MariaDB over PyMySQL: bulk text-protocol reads, LOAD DATA, RENAME swap, GET_LOCK."""
+    """MySQL/MariaDB over PyMySQL: bulk reads, LOAD DATA, a partition exchange, GET_LOCK."""
 
     name: ClassVar[str] = "mysql"
     dialects: ClassVar[tuple[str, ...]] = ("mysql", "mariadb")
