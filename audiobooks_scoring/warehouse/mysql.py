@@ -7,11 +7,10 @@
   columns) are fetched row by row in chunks. Values arrive as text, which the server prints
   in the shortest form that reads back to the same double: floats are bit-exact.
 - Writes: `LOAD DATA LOCAL INFILE` of a tab-separated batch written by Arrow to a temp file
-  (measured 2x less server CPU than multi-row INSERTs); the run's constants go in its `SET`
-  clause, not in the file. `LOAD DATA LOCAL` turns refused values into warnings, so any
-  warning fails the write (and its transaction). The driver's local-file permission is
-  switched on only for the adapter's own LOAD DATA statements. A `bulk_writer` is one
-  transaction, fed by a sender thread at most one batch behind.
+  (measured 2x less server CPU than multi-row INSERTs). `LOAD DATA LOCAL` turns refused
+  values into warnings, so any warning fails the write (and its transaction). The driver's
+  local-file permission is switched on only for the adapter's own LOAD DATA statements.
+  A `bulk_writer` is one transaction, fed by a sender thread at most one batch behind.
 - Tables: reason codes are a native `ENUM` (one byte). History is partitioned
   `LIST COLUMNS (run_id)`, one partition a run, with a customer index; the live list
   `customer_scores` is a view of the live run's partition (`ALGORITHM = MERGE`, so queries
@@ -84,6 +83,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    bindparam,
     delete,
     event,
     func,
@@ -112,7 +112,12 @@ from audiobooks_scoring.warehouse.errors import (
     RunLockLost,
     WarehouseError,
 )
-from audiobooks_scoring.warehouse.tables import LIST_COLUMNS, SCORED_AT_TYPE, TableLayout
+from audiobooks_scoring.warehouse.tables import (
+    LIST_COLUMNS,
+    SCORED_AT_TYPE,
+    TableLayout,
+    list_shaped_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -206,18 +211,10 @@ class MySQLAdapter(WarehouseAdapter):
 
     def indexed_list_table(self, name: str, columns: tuple[str, ...] | None = None) -> Table:
         """A table of the list's columns (`columns`: the first ones) with a customer index."""
-        wanted = columns or tuple(c.name for c in self.tables.scores.columns)
-        return Table(
-            name,
-            MetaData(schema=self.tables.schema),
-            *[
-                Column(c.name, c.type, nullable=c.nullable)
-                for c in self.tables.scores.columns
-                if c.name in wanted
-            ],
-            # one name in both tables: EXCHANGE compares index names
-            Index(f"{self.tables.scores.name}_customer"[:60], CUSTOMER_ID),
-        )
+        table = list_shaped_table(self.tables, name, columns)
+        # one name in both tables: EXCHANGE compares index names
+        Index(f"{self.tables.scores.name}_customer"[:60], table.c[CUSTOMER_ID])
+        return table
 
     def list_table(self) -> Table:
         """`<scores>_next`: what varies by customer, indexed as history is; constants later."""
@@ -237,7 +234,8 @@ class MySQLAdapter(WarehouseAdapter):
         with self.engine.begin() as conn:
             if tables.schema:
                 conn.execute(CreateSchema(tables.schema, if_not_exists=True))
-            self._refuse_earlier_layout(conn)
+            found = self._relation_types(conn, tables.scores.name, tables.history.name)
+            self._refuse_earlier_layout(conn, found)
             others = [
                 table
                 for table in tables.metadata.sorted_tables
@@ -245,7 +243,7 @@ class MySQLAdapter(WarehouseAdapter):
             ]
             tables.metadata.create_all(conn, tables=others, checkfirst=True)
             self.swap_table().create(conn, checkfirst=True)
-            if self._relation_type(conn, tables.history.name) is None:
+            if tables.history.name not in found:
                 history = self.indexed_list_table(tables.history.name)
                 ddl = str(CreateTable(history).compile(dialect=self.dialect)).strip()
                 conn.execute(
@@ -256,37 +254,35 @@ class MySQLAdapter(WarehouseAdapter):
                 )
                 for index in history.indexes:
                     index.create(conn)
-            if self._relation_type(conn, tables.scores.name) is None:
+            if tables.scores.name not in found:
                 self.point_live_view(conn, "")
             self.create_views(conn)
 
-    def _relation_type(self, conn: Connection, name: str) -> str | None:
-        """'BASE TABLE' or 'VIEW' for a relation of the warehouse database, None if missing."""
-        return conn.execute(
+    def _relation_types(self, conn: Connection, *names: str) -> dict[str, str]:
+        """'BASE TABLE' or 'VIEW' of each of the relations `names` that exists."""
+        rows = conn.execute(
             text(
-                "SELECT table_type FROM information_schema.TABLES "
-                "WHERE table_schema = :db AND table_name = :name"
-            ),
-            {"db": self.database, "name": name},
-        ).scalar()
+                "SELECT table_name, table_type FROM information_schema.TABLES "
+                "WHERE table_schema = :db AND table_name IN :names"
+            ).bindparams(bindparam("names", expanding=True)),
+            {"db": self.database, "names": list(names)},
+        ).all()
+        return {str(name): str(kind) for name, kind in rows}
 
-    def _refuse_earlier_layout(self, conn: Connection) -> None:
+    def _refuse_earlier_layout(self, conn: Connection, found: Mapping[str, str]) -> None:
+        """Refuse a live table or an unpartitioned history (this adapter's earlier layout)."""
         scores, history = self.tables.scores.name, self.tables.history.name
-        partitioned = conn.execute(
-            text(
-                "SELECT count(*) FROM information_schema.PARTITIONS WHERE table_schema = :db "
-                "AND table_name = :name AND partition_method IS NOT NULL"
-            ),
-            {"db": self.database, "name": history},
-        ).scalar()
-        earlier = [
-            name
-            for name, wanted, found in (
-                (scores, "VIEW", self._relation_type(conn, scores)),
-                (history, "BASE TABLE", self._relation_type(conn, history)),
-            )
-            if found not in (None, wanted) or (name == history and found and not partitioned)
-        ]
+        earlier = [scores] if found.get(scores, "VIEW") != "VIEW" else []
+        if history in found:
+            partitioned = conn.execute(
+                text(
+                    "SELECT count(*) FROM information_schema.PARTITIONS WHERE table_schema = :db "
+                    "AND table_name = :name AND partition_method IS NOT NULL"
+                ),
+                {"db": self.database, "name": history},
+            ).scalar()
+            if found[history] != "BASE TABLE" or not partitioned:
+                earlier.append(history)
         if earlier:
             raise WarehouseError(
                 f"{', '.join(earlier)} in {self.database} have an earlier layout (the live list "
@@ -422,11 +418,10 @@ class MySQLAdapter(WarehouseAdapter):
     def write_columns(
         self, conn: Connection, table: Table, columns: Mapping[str, Any], rows: int
     ) -> int:
-        """LOAD DATA of column arrays and coded columns (Arrow dictionaries); constants by SET."""
+        """LOAD DATA of column arrays, coded columns (as Arrow dictionaries) and constants."""
         if rows == 0:
             return 0
-        varying, constants = _split_constants(columns)
-        self._load(conn, table, list(varying), _tsv_batch(table, varying, rows), constants)
+        self._load(conn, table, list(columns), _tsv_batch(table, columns, rows))
         return rows
 
     @contextmanager
@@ -442,8 +437,7 @@ class MySQLAdapter(WarehouseAdapter):
             try:
 
                 def write_batch(columns: Mapping[str, Any], rows: int) -> int:
-                    varying, constants = _split_constants(columns)
-                    sender.send(list(varying), _tsv_batch(table, varying, rows), constants)
+                    sender.send(list(columns), _tsv_batch(table, columns, rows))
                     return rows
 
                 yield ColumnWriter(write_batch)
@@ -452,33 +446,18 @@ class MySQLAdapter(WarehouseAdapter):
                 raise
             sender.finish()
 
-    def _load(
-        self,
-        conn: Connection,
-        table: Table,
-        names: list[str],
-        data: pa.Buffer,
-        constants: Mapping[str, Any] | None = None,
-    ) -> None:
-        """LOAD DATA LOCAL INFILE of tab-separated `data`, `constants` set on every row.
-
-        Any server warning fails it.
-        """
+    def _load(self, conn: Connection, table: Table, names: list[str], data: pa.Buffer) -> None:
+        """LOAD DATA LOCAL INFILE of tab-separated `data`; any server warning fails it."""
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - removed below
             prefix="audiobooks-load-", suffix=".tsv", delete=False
         )
         try:
             with handle:
                 handle.write(data)
-            assigned = ", ".join(
-                f"{self.quote(name)} = {self._constant_literal(value, table.c[name].type)}"
-                for name, value in (constants or {}).items()
-            )
             statement = (
                 f"LOAD DATA LOCAL INFILE {self.literal(handle.name)} "
                 f"INTO TABLE {self.qualified_name(table)} CHARACTER SET utf8mb4 "
                 f"({', '.join(self.quote(name) for name in names)})"
-                + (f" SET {assigned}" if assigned else "")
             )
             raw = conn.connection.driver_connection
             with _local_files_allowed(raw):
@@ -567,7 +546,7 @@ class MySQLAdapter(WarehouseAdapter):
 
     def forget_run_history(self, run_id: str) -> None:
         """Empty the run's history partition (`TRUNCATE PARTITION`: no rows left to purge)."""
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with self._ddl_connection() as conn:
             if self._partition_exists(conn, run_id):
                 conn.execute(
                     text(
@@ -585,6 +564,10 @@ class MySQLAdapter(WarehouseAdapter):
         scores = self.tables.scores
         return conn.execute(select(scores.c.run_id).limit(1)).scalar()
 
+    def _ddl_connection(self) -> Connection:
+        """A connection in autocommit (MariaDB 10.11's EXCHANGE waits on itself without it)."""
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
     def _wait_seconds(self) -> int:
         return max(1, math.ceil(self.lock_timeout_ms / 1000))
 
@@ -594,7 +577,7 @@ class MySQLAdapter(WarehouseAdapter):
         built, swap = self.finished_list_table(), self.swap_table()
         with self.engine.connect() as conn:
             live_run = self._live_run_id(conn)
-            if self._relation_type(conn, built.name) is None:
+            if built.name not in self._relation_types(conn, built.name):
                 if replace_current and live_run == run_id:
                     return  # an earlier attempt reached its commit point and was completed
                 raise PublicationError(f"no built list {built.name} to publish for run {run_id}")
@@ -614,8 +597,7 @@ class MySQLAdapter(WarehouseAdapter):
                 )
             )
             pause_at("during_swap")
-        # DDL in autocommit: with autocommit off, MariaDB 10.11's EXCHANGE waits on itself
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with self._ddl_connection() as conn:
             self.check_run_lock(conn)
             if not self._partition_exists(conn, run_id):
                 conn.execute(
@@ -663,7 +645,7 @@ class MySQLAdapter(WarehouseAdapter):
         """
         swap, built = self.swap_table(), self.list_table()
         with self.engine.connect() as conn:
-            if self._relation_type(conn, swap.name) is None:
+            if swap.name not in self._relation_types(conn, swap.name):
                 return
             intent = conn.execute(select(swap)).first()
             if intent is None:
@@ -1073,18 +1055,6 @@ def _text_column(value: Any, type_: Any, rows: int) -> pa.Array | pa.Scalar:
     return pc.fill_null(array, "\\N")
 
 
-def _split_constants(columns: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(columns that vary by row, constants), when at least one column varies."""
-    varying = {
-        name: value
-        for name, value in columns.items()
-        if isinstance(value, np.ndarray | pd.Series | list | CodedColumn)
-    }
-    if not varying:
-        return dict(columns), {}
-    return varying, {name: value for name, value in columns.items() if name not in varying}
-
-
 def _tsv_batch(table: Table, columns: Mapping[str, Any], rows: int) -> pa.Buffer:
     """The batch in LOAD DATA's default format: tab-separated, `\\N` for NULL, a row a line."""
     texts = [_text_column(value, table.c[name].type, rows) for name, value in columns.items()]
@@ -1117,9 +1087,9 @@ class _LoadSender:
                 return
             if self.error is not None:
                 continue
-            names, data, constants = item
+            names, data = item
             try:
-                self.adapter._load(self.conn, self.table, names, data, constants)
+                self.adapter._load(self.conn, self.table, names, data)
             except BaseException as error:  # handed to the writer's thread
                 self.error = error
 
@@ -1127,9 +1097,9 @@ class _LoadSender:
         if self.error is not None:
             raise self.error
 
-    def send(self, names: list[str], data: pa.Buffer, constants: Mapping[str, Any]) -> None:
+    def send(self, names: list[str], data: pa.Buffer) -> None:
         self._raise()
-        self.batches.put((names, data, constants))
+        self.batches.put((names, data))
 
     def finish(self) -> None:
         self.batches.put(None)

@@ -255,9 +255,16 @@ def build_tables(settings: Settings, layout: TableLayout) -> WarehouseTables:
 
 def next_list_table(tables: WarehouseTables, columns: tuple[str, ...] | None = None) -> Table:
     """`<scores>_next`, where a run's list is built beside the live one (`columns`: a subset)."""
+    return list_shaped_table(tables, f"{tables.scores.name}_next"[:60], columns)
+
+
+def list_shaped_table(
+    tables: WarehouseTables, name: str, columns: tuple[str, ...] | None = None
+) -> Table:
+    """A table `name` with the live list's columns (`columns`: a subset), in its order."""
     wanted = columns or tuple(c.name for c in tables.scores.columns)
     return Table(
-        f"{tables.scores.name}_next"[:60],
+        name,
         MetaData(schema=tables.schema),
         *[
             Column(c.name, c.type, nullable=c.nullable)
